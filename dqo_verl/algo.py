@@ -1,0 +1,201 @@
+"""DQO maths: the pure functions of DESIGN §2.
+
+Direct Q-function Optimization (Ji, Liu, Dai et al.) treats generation as a token-level MDP with
+the soft Q-function parameterised by the policy, Q(s, a) = beta * log pi(a|s) / pi_ref(a|s) + V(s)
+(eq. 3.3, with the KL to pi_ref folded into the reward). A value model V_phi and the policy are
+trained on a fixed corpus with the soft Bellman residual (eq. 4.3), lambda-returns as targets
+(§4.2) and per-trajectory importance weights (§4.3).
+
+Conventions: tensors are [B, T] over response positions t = 0..T-1; `response_mask` is 1 on real
+response tokens. `values[b, t]` = V(s_t), the value of the state *before* response token t.
+Entries outside the mask are ignored on input and 0 on output.
+
+Action granularity (§4.2 and Remark 4.2): the same functions serve token-level DQO, step-level
+actions (blank-line segments) and whole-sequence actions (DRO) once the per-token tensors are
+collapsed with `collapse_to_actions` / `values_at_action_starts`: action k sits in column k and
+the action mask is `action_mask(action_ends)`.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+GRANULARITIES = ("token", "step", "sequence")
+
+
+def _masked(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """x where mask, else 0 (garbage outside the mask, even NaN, never leaks in)."""
+    return torch.where(mask.bool(), x, torch.zeros_like(x))
+
+
+# ----------------------------------------------------------------------------------------------
+# Action granularity
+# ----------------------------------------------------------------------------------------------
+
+
+def last_token_mask(response_mask: torch.Tensor) -> torch.Tensor:
+    """Bool [B, T]: True at the last real token of each row (none for empty rows)."""
+    mask = response_mask.bool()
+    positions = torch.arange(mask.shape[1], device=mask.device).expand_as(mask)
+    last = torch.where(mask, positions, -1).amax(dim=1, keepdim=True)
+    return (positions == last) & mask
+
+
+def compute_action_ends(
+    response_mask: torch.Tensor, granularity: str, segment_ends: Optional[torch.Tensor] = None
+) -> torch.Tensor:
+    """Bool [B, T]: True at the last token of each action.
+
+    token: every real token; step: every segment end plus the last token; sequence: the last token.
+    """
+    mask = response_mask.bool()
+    if granularity == "token":
+        return mask.clone()
+    last = last_token_mask(mask)
+    if granularity == "sequence":
+        return last
+    if granularity == "step":
+        if segment_ends is None:
+            raise ValueError("granularity='step' needs segment_ends")
+        return (segment_ends.bool() & mask) | last
+    raise ValueError(f"unknown granularity {granularity!r}; expected one of {GRANULARITIES}")
+
+
+def _action_index(action_ends: torch.Tensor) -> torch.Tensor:
+    """Long [B, T]: index of the action that token t belongs to."""
+    ends = action_ends.long()
+    return (ends.cumsum(dim=1) - ends).clamp(max=ends.shape[1] - 1)
+
+
+def _tokens_in_actions(action_ends: torch.Tensor) -> torch.Tensor:
+    """Bool [B, T]: tokens up to the last action end (those that belong to an action)."""
+    ends = action_ends.long()
+    return (ends.flip(1).cumsum(dim=1).flip(1) > 0)
+
+
+def action_mask(action_ends: torch.Tensor) -> torch.Tensor:
+    """Float [B, T]: 1 on the first n_b columns, n_b = number of actions in row b."""
+    n_actions = action_ends.long().sum(dim=1, keepdim=True)
+    columns = torch.arange(action_ends.shape[1], device=action_ends.device)
+    return (columns < n_actions).float()
+
+
+def collapse_to_actions(x: torch.Tensor, action_ends: torch.Tensor) -> torch.Tensor:
+    """[B, T] -> [B, T]: column k holds the sum of `x` over the tokens of action k (differentiable)."""
+    src = _masked(x, _tokens_in_actions(action_ends))
+    return torch.zeros_like(x).scatter_add(1, _action_index(action_ends), src)
+
+
+def values_at_action_starts(values: torch.Tensor, action_ends: torch.Tensor) -> torch.Tensor:
+    """[B, T] -> [B, T]: column k holds V at the first state of action k (differentiable)."""
+    inside = _tokens_in_actions(action_ends)
+    previous_is_end = torch.nn.functional.pad(action_ends.bool()[:, :-1], (1, 0), value=True)
+    is_start = inside & previous_is_end
+    src = _masked(values, is_start)
+    return torch.zeros_like(values).scatter_add(1, _action_index(action_ends), src)
+
+
+# ----------------------------------------------------------------------------------------------
+# Targets
+# ----------------------------------------------------------------------------------------------
+
+
+def compute_lambda_returns(
+    rewards: torch.Tensor,
+    log_ratio: torch.Tensor,
+    values: torch.Tensor,
+    response_mask: torch.Tensor,
+    beta: float,
+    lam: float,
+) -> torch.Tensor:
+    """lambda-returns of the KL-regularised reward, [B, T], detached.
+
+    delta_t = r_t - beta * log(pi/pi_ref)_t                         (soft reward, eq. 3.3)
+    G_t = delta_t + (1 - lam) * V_{t+1} + lam * G_{t+1},  G = V = 0 after the last real token.
+    lam = 1: Monte-Carlo soft return; lam = 0: one-step target of eq. 4.3. This is the normalised
+    lambda-return (weights sum to 1); the paper's displayed sum omits the tail weight lam^(H-h).
+    """
+    mask = response_mask.to(values.dtype)
+    delta = _masked(rewards.detach() - beta * log_ratio.detach(), mask)
+    v = _masked(values.detach(), mask)
+    returns = torch.zeros_like(v)
+    next_return = torch.zeros_like(v[:, 0])
+    next_value = torch.zeros_like(v[:, 0])
+    for t in reversed(range(v.shape[1])):
+        g = (delta[:, t] + (1.0 - lam) * next_value + lam * next_return) * mask[:, t]
+        returns[:, t] = g
+        next_return, next_value = g, v[:, t]
+    return returns
+
+
+def compute_is_weights(log_ratio: torch.Tensor, response_mask: torch.Tensor, log_clip: float = 1.0) -> torch.Tensor:
+    """Per-trajectory importance weights [B], detached: w_b = min(pi(y|x) / pi_ref(y|x), e^log_clip) (§4.3)."""
+    seq_log_ratio = _masked(log_ratio.detach(), response_mask).sum(dim=1)
+    return torch.exp(seq_log_ratio.clamp(max=log_clip))
+
+
+# ----------------------------------------------------------------------------------------------
+# Losses
+# ----------------------------------------------------------------------------------------------
+
+
+def _weighted_mean(sq_err: torch.Tensor, weights: torch.Tensor, mask: torch.Tensor, normalizer) -> torch.Tensor:
+    total = _masked(sq_err * weights.detach().unsqueeze(1), mask).sum()
+    denom = mask.sum().clamp(min=1) if normalizer is None else normalizer
+    return total / denom
+
+
+def dqo_value_loss(
+    values: torch.Tensor,
+    returns: torch.Tensor,
+    weights: torch.Tensor,
+    response_mask: torch.Tensor,
+    normalizer: Optional[float] = None,
+) -> tuple[torch.Tensor, dict]:
+    """L_V = sum_{b,t} m * w_b * (G_bt - V_phi(s_bt))^2 / sum m; gradient only through `values`.
+
+    `normalizer` replaces `sum m` (a global count when the batch is split across ranks/micro-batches).
+    """
+    mask = response_mask.to(values.dtype)
+    err = _masked(returns.detach() - values, mask)
+    loss = _weighted_mean(err.square(), weights, mask, normalizer)
+    n = mask.sum().clamp(min=1)
+    metrics = {
+        "value_loss": loss.detach(),
+        "values_mean": _masked(values.detach(), mask).sum() / n,
+        "returns_mean": _masked(returns.detach(), mask).sum() / n,
+        "value_abs_err": err.detach().abs().sum() / n,
+    }
+    return loss, metrics
+
+
+def dqo_policy_loss(
+    log_ratio: torch.Tensor,
+    values: torch.Tensor,
+    rewards: torch.Tensor,
+    returns: torch.Tensor,
+    weights: torch.Tensor,
+    response_mask: torch.Tensor,
+    beta: float,
+    normalizer: Optional[float] = None,
+) -> tuple[torch.Tensor, dict]:
+    """L_pi = sum m * w_b * (Vbar_t + beta * log_ratio_t - r_t - G_{t+1})^2 / sum m  (eq. 4.3 with lambda-returns).
+
+    Q_theta(s_t, a_t) = beta * log_ratio_t + Vbar(s_t) is regressed on r_t + G_{t+1}; gradient only
+    through `log_ratio` (Vbar, rewards, returns, weights detached); G_{T_b} = 0.
+    """
+    mask = response_mask.to(log_ratio.dtype)
+    next_returns = _masked(returns.detach(), mask)[:, 1:]
+    next_returns = torch.nn.functional.pad(next_returns, (0, 1))  # G_{t+1}; 0 after the last token
+    q = _masked(beta * log_ratio + values.detach(), mask)
+    err = _masked(q - rewards.detach() - next_returns, mask)
+    loss = _weighted_mean(err.square(), weights, mask, normalizer)
+    n = mask.sum().clamp(min=1)
+    metrics = {
+        "policy_loss": loss.detach(),
+        "log_ratio_mean": _masked(log_ratio.detach(), mask).sum() / n,
+        "q_mean": q.detach().sum() / n,
+    }
+    return loss, metrics
