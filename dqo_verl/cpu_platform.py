@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import re
 import types
+import warnings
 from contextlib import contextmanager
 from typing import Any, Optional
 
@@ -144,19 +145,33 @@ class PlatformCPU(PlatformBase):
 
 def _register_cpu_engines() -> None:
     """FSDP engines for device `cpu`: verl's own classes, plus a value engine that loads on CPU."""
-    from verl.workers.engine import EngineRegistry
-    from verl.workers.engine.fsdp.transformer_impl import FSDPEngineWithLMHead, FSDPEngineWithValueHead
+    with warnings.catch_warnings():  # verl warns about every optional engine (megatron, ...) it lacks
+        warnings.simplefilter("ignore", UserWarning)
+        from verl.workers.engine import EngineRegistry
+        from verl.workers.engine.fsdp.transformer_impl import FSDPEngineWithLMHead, FSDPEngineWithValueHead
 
     registered = EngineRegistry._engines.get("language_model", {}).get("fsdp2", {})
     if "cpu" in registered:
         return
 
-    EngineRegistry.register(model_type="language_model", backend=["fsdp", "fsdp2"], device="cpu")(
-        FSDPEngineWithLMHead
-    )
+    class HostMemoryMixin:
+        """verl gives forward-only (reference) engines a pinned-memory CPU offload policy; a CPU-only
+        torch cannot pin memory, and parameters already live in host memory: build them as usual."""
+
+        def _build_fsdp_module(self, module):
+            forward_only = self.engine_config.forward_only
+            self.engine_config.forward_only = False
+            try:
+                return super()._build_fsdp_module(module)
+            finally:
+                self.engine_config.forward_only = forward_only
+
+    @EngineRegistry.register(model_type="language_model", backend=["fsdp", "fsdp2"], device="cpu")
+    class CPUFSDPEngineWithLMHead(HostMemoryMixin, FSDPEngineWithLMHead):
+        """verl's FSDP language-model engine on host memory."""
 
     @EngineRegistry.register(model_type="value_model", backend=["fsdp", "fsdp2"], device="cpu")
-    class CPUFSDPEngineWithValueHead(FSDPEngineWithValueHead):
+    class CPUFSDPEngineWithValueHead(HostMemoryMixin, FSDPEngineWithValueHead):
         """verl's value loader hard-codes `flash_attention_2` (absent on CPU). Load the value model
         through the checkpoint's `...ForTokenClassification` auto class instead, with the
         configured attention (`override_config.attn_implementation`), same settings as verl's."""

@@ -1,0 +1,225 @@
+"""The offline corpus: read, check and batch it in verl's left/right-padded layout.
+
+One parquet row per (prompt, response) (DESIGN §3). The trainer needs `prompt_ids`,
+`response_ids` (token id lists) and `score` (outcome reward); `segment_ends` (response token
+indices where a step ends), `process_rewards` (one per segment end) and `ref_logprobs` (one per
+response token) are optional.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from tensordict import TensorDict
+
+from verl.utils import tensordict_utils as tu
+
+from dqo_verl import algo
+
+REQUIRED_COLUMNS = ("prompt_ids", "response_ids", "score")
+LIST_COLUMNS = ("prompt_ids", "response_ids", "segment_ends", "process_rewards", "ref_logprobs")
+
+
+class CorpusError(ValueError):
+    """Bad corpus input: names the file, the row and the field."""
+
+    def __init__(self, path, row, field: str, problem: str):
+        where = f"{path}" + (f", row {row}" if row is not None else "")
+        super().__init__(f"{where}, field '{field}': {problem}")
+
+
+def read_corpus(path: str | os.PathLike) -> pd.DataFrame:
+    """Read a corpus parquet (raises CorpusError naming the file if it is missing or unreadable)."""
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise CorpusError(path, None, "data.train_files", "file does not exist")
+    try:
+        return pd.read_parquet(path)
+    except Exception as exc:  # noqa: BLE001 - any reader failure is a bad input file
+        raise CorpusError(path, None, "data.train_files", f"not a readable parquet file ({exc})") from exc
+
+
+def validate_corpus(df: pd.DataFrame, path) -> None:
+    """Check columns, types and values before any worker starts; the first problem raises CorpusError."""
+    for column in REQUIRED_COLUMNS:
+        if column not in df.columns:
+            raise CorpusError(path, None, column, f"missing column (have: {', '.join(df.columns)})")
+    if len(df) == 0:
+        raise CorpusError(path, None, "response_ids", "the corpus has no rows")
+    has = {c: c in df.columns for c in LIST_COLUMNS}
+    for row, rec in enumerate(df.itertuples(index=False)):
+        rec = rec._asdict()
+        for column in LIST_COLUMNS:
+            if has[column] and rec[column] is not None:
+                if not isinstance(rec[column], (list, tuple, np.ndarray)):
+                    raise CorpusError(path, row, column, f"expected a list, got {type(rec[column]).__name__}")
+        for column in ("prompt_ids", "response_ids"):
+            ids = rec[column]
+            if ids is None or len(ids) == 0:
+                raise CorpusError(path, row, column, "empty token list")
+            if not np.issubdtype(np.asarray(ids).dtype, np.integer):
+                raise CorpusError(path, row, column, "token ids must be integers")
+        score = rec["score"]
+        if not isinstance(score, (int, float, np.integer, np.floating)) or isinstance(score, bool):
+            raise CorpusError(path, row, "score", f"expected a number, got {type(score).__name__}")
+        if not math.isfinite(score):
+            raise CorpusError(path, row, "score", f"reward is {score}")
+        n = len(rec["response_ids"])
+        ends = rec.get("segment_ends") if has["segment_ends"] else None
+        if ends is not None and len(ends) and (min(ends) < 0 or max(ends) >= n):
+            raise CorpusError(path, row, "segment_ends", f"index outside the response (length {n}): {list(ends)}")
+        rewards = rec.get("process_rewards") if has["process_rewards"] else None
+        if rewards is not None:
+            if ends is None or len(rewards) != len(ends):
+                raise CorpusError(path, row, "process_rewards", "needs one reward per segment_ends entry")
+            if not all(math.isfinite(float(r)) for r in rewards):
+                raise CorpusError(path, row, "process_rewards", f"non-finite reward in {list(rewards)}")
+        logps = rec.get("ref_logprobs") if has["ref_logprobs"] else None
+        if logps is not None and len(logps) != n:
+            raise CorpusError(path, row, "ref_logprobs", f"{len(logps)} values for {n} response tokens")
+
+
+def apply_length_limits(
+    df: pd.DataFrame, max_prompt_length: int, max_response_length: int, overlong: str
+) -> tuple[pd.DataFrame, dict]:
+    """Drop rows whose prompt is too long; truncate or drop rows whose response is too long.
+
+    A truncated response keeps its first `max_response_length` tokens, as if sampling had stopped
+    there: it has no final answer, so its outcome reward becomes 0 and later segment ends go.
+    """
+    if overlong not in ("truncate", "drop"):
+        raise ValueError(f"data.overlong must be 'truncate' or 'drop', got {overlong!r}")
+    prompt_long = df["prompt_ids"].map(len) > max_prompt_length
+    response_long = df["response_ids"].map(len) > max_response_length
+    stats = {"prompt_too_long_dropped": int(prompt_long.sum()), "response_too_long": int(response_long.sum())}
+    df = df[~prompt_long]
+    response_long = response_long[~prompt_long]
+    if overlong == "drop":
+        df = df[~response_long]
+    elif response_long.any():
+        df = df.copy()
+        for idx in df.index[response_long]:
+            df.at[idx, "response_ids"] = list(df.at[idx, "response_ids"][:max_response_length])
+            df.at[idx, "score"] = 0.0
+            if "ref_logprobs" in df.columns and df.at[idx, "ref_logprobs"] is not None:
+                df.at[idx, "ref_logprobs"] = list(df.at[idx, "ref_logprobs"][:max_response_length])
+            if "segment_ends" in df.columns and df.at[idx, "segment_ends"] is not None:
+                keep = [i for i, e in enumerate(df.at[idx, "segment_ends"]) if e < max_response_length]
+                df.at[idx, "segment_ends"] = [df.at[idx, "segment_ends"][i] for i in keep]
+                if "process_rewards" in df.columns and df.at[idx, "process_rewards"] is not None:
+                    df.at[idx, "process_rewards"] = [df.at[idx, "process_rewards"][i] for i in keep]
+    return df.reset_index(drop=True), stats
+
+
+def write_parquet_atomic(df: pd.DataFrame, path: str | os.PathLike, metadata: dict | None = None) -> None:
+    """Write parquet to a temp file in the same folder, then rename over `path`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    table = pa.Table.from_pandas(df, preserve_index=False)
+    if metadata:
+        table = table.replace_schema_metadata({**(table.schema.metadata or {}), **metadata})
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        pq.write_table(table, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def parquet_metadata(path: str | os.PathLike) -> dict:
+    """Schema metadata of a parquet file as str -> str."""
+    meta = pq.read_schema(path).metadata or {}
+    return {k.decode(): v.decode() for k, v in meta.items()}
+
+
+@dataclass
+class BatchSpec:
+    """How corpus rows become training tensors."""
+
+    pad_token_id: int
+    granularity: str = "token"
+    use_process_rewards: bool = False
+
+
+def _pad(seqs: list, width: int, value, left: bool, dtype) -> torch.Tensor:
+    out = torch.full((len(seqs), width), value, dtype=dtype)
+    for i, s in enumerate(seqs):
+        s = torch.as_tensor(np.asarray(s), dtype=dtype)
+        if left:
+            out[i, width - len(s) :] = s
+        else:
+            out[i, : len(s)] = s
+    return out
+
+
+def build_batch(rows: pd.DataFrame, spec: BatchSpec) -> TensorDict:
+    """verl left/right-padded batch (prompts left-, responses right-padded) plus DQO fields.
+
+    Tensor fields: prompts, responses, input_ids, attention_mask, position_ids, response_mask,
+    ref_logprobs (0 where absent), rewards (outcome on the last token, process rewards at segment
+    ends when enabled), action_ends (bool, per `spec.granularity`). Non-tensor: temperature = 1.
+    """
+    prompts = list(rows["prompt_ids"])
+    responses = list(rows["response_ids"])
+    plen, rlen = max(map(len, prompts)), max(map(len, responses))
+    prompt_ids = _pad(prompts, plen, spec.pad_token_id, True, torch.long)
+    response_ids = _pad(responses, rlen, spec.pad_token_id, False, torch.long)
+    prompt_mask = _pad([[1] * len(p) for p in prompts], plen, 0, True, torch.long)
+    response_mask = _pad([[1] * len(r) for r in responses], rlen, 0, False, torch.long)
+    attention_mask = torch.cat([prompt_mask, response_mask], dim=1)
+    position_ids = (attention_mask.cumsum(dim=1) - 1).clamp(min=0)
+
+    b = len(rows)
+    lengths = response_mask.sum(dim=1)
+    rewards = torch.zeros(b, rlen, dtype=torch.float32)
+    rewards[torch.arange(b), lengths - 1] = torch.as_tensor(rows["score"].to_numpy(dtype=np.float32))
+    seg_mask = torch.zeros(b, rlen, dtype=torch.bool)
+    if "segment_ends" in rows.columns:
+        for i, ends in enumerate(rows["segment_ends"]):
+            if ends is not None and len(ends):
+                seg_mask[i, torch.as_tensor(np.asarray(ends), dtype=torch.long)] = True
+    if spec.use_process_rewards:
+        if "process_rewards" not in rows.columns:
+            raise ValueError("algorithm.use_process_rewards=true but the corpus has no process_rewards column")
+        for i, (ends, prs) in enumerate(zip(rows["segment_ends"], rows["process_rewards"])):
+            if prs is not None and len(prs):
+                idx = torch.as_tensor(np.asarray(ends), dtype=torch.long)
+                rewards[i].index_add_(0, idx, torch.as_tensor(np.asarray(prs), dtype=torch.float32))
+    if "ref_logprobs" in rows.columns:
+        ref_logprobs = _pad([np.asarray(x, dtype=np.float32) for x in rows["ref_logprobs"]], rlen, 0.0, False, torch.float32)
+    else:
+        ref_logprobs = torch.zeros(b, rlen, dtype=torch.float32)
+    action_ends = algo.compute_action_ends(
+        response_mask, spec.granularity, seg_mask if spec.granularity == "step" else None
+    )
+    return tu.get_tensordict(
+        {
+            "prompts": prompt_ids,
+            "responses": response_ids,
+            "input_ids": torch.cat([prompt_ids, response_ids], dim=1),
+            "attention_mask": attention_mask,
+            "position_ids": position_ids,
+            "response_mask": response_mask,
+            "ref_logprobs": ref_logprobs,
+            "rewards": rewards,
+            "action_ends": action_ends,
+        },
+        non_tensor_dict={"temperature": 1.0},
+    )
+
+
+def epoch_batches(num_rows: int, batch_size: int, seed: int, epoch: int, shuffle: bool = True) -> list[np.ndarray]:
+    """Row indices of each update in `epoch`: a permutation fixed by (seed, epoch); the last partial batch is dropped."""
+    order = np.random.default_rng([seed, epoch]).permutation(num_rows) if shuffle else np.arange(num_rows)
+    return [order[i * batch_size : (i + 1) * batch_size] for i in range(num_rows // batch_size)]

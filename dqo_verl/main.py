@@ -1,0 +1,46 @@
+"""Entry point: `python -m dqo_verl.main +recipe=NAME [key=value ...]` (also under `ray job submit`).
+
+Recipes are the YAML files of `recipes/` (or of $DQO_RECIPES_DIR), registered as the Hydra config
+group `recipe`; each is merged over the base config `dqo_verl/config/dqo.yaml`.
+`--cfg job` prints the composed config.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import hydra
+from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig, OmegaConf
+
+RECIPES_DIR = Path(os.environ.get("DQO_RECIPES_DIR", Path(__file__).resolve().parent.parent / "recipes"))
+
+
+def register_recipes(recipes_dir: Path = RECIPES_DIR) -> list[str]:
+    """Store every recipes_dir/*.yaml as option NAME of the `recipe` group (package _global_)."""
+    names = []
+    store = ConfigStore.instance()
+    for path in sorted(Path(recipes_dir).glob("*.yaml")):
+        store.store(group="recipe", name=path.stem, node=OmegaConf.load(path), package="_global_")
+        names.append(path.stem)
+    return names
+
+
+def run(config: DictConfig) -> dict:
+    """Start Ray (or join the cluster) and train."""
+    from dqo_verl.trainer import DQOTrainer, init_ray
+
+    init_ray(config)
+    return DQOTrainer(config).fit()
+
+
+@hydra.main(config_path="config", config_name="dqo", version_base=None)
+def main(config: DictConfig) -> None:
+    run(config)
+
+
+register_recipes()
+
+if __name__ == "__main__":
+    main()
