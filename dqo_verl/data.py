@@ -155,7 +155,7 @@ class BatchSpec:
 def _pad(seqs: list, width: int, value, left: bool, dtype) -> torch.Tensor:
     out = torch.full((len(seqs), width), value, dtype=dtype)
     for i, s in enumerate(seqs):
-        s = torch.as_tensor(np.asarray(s), dtype=dtype)
+        s = torch.tensor(np.asarray(s), dtype=dtype)
         if left:
             out[i, width - len(s) :] = s
         else:
@@ -183,19 +183,20 @@ def build_batch(rows: pd.DataFrame, spec: BatchSpec) -> TensorDict:
     b = len(rows)
     lengths = response_mask.sum(dim=1)
     rewards = torch.zeros(b, rlen, dtype=torch.float32)
-    rewards[torch.arange(b), lengths - 1] = torch.as_tensor(rows["score"].to_numpy(dtype=np.float32))
+    if "score" in rows.columns:
+        rewards[torch.arange(b), lengths - 1] = torch.as_tensor(rows["score"].to_numpy(dtype=np.float32))
     seg_mask = torch.zeros(b, rlen, dtype=torch.bool)
     if "segment_ends" in rows.columns:
         for i, ends in enumerate(rows["segment_ends"]):
             if ends is not None and len(ends):
-                seg_mask[i, torch.as_tensor(np.asarray(ends), dtype=torch.long)] = True
+                seg_mask[i, torch.tensor(np.asarray(ends), dtype=torch.long)] = True
     if spec.use_process_rewards:
         if "process_rewards" not in rows.columns:
             raise ValueError("algorithm.use_process_rewards=true but the corpus has no process_rewards column")
         for i, (ends, prs) in enumerate(zip(rows["segment_ends"], rows["process_rewards"])):
             if prs is not None and len(prs):
-                idx = torch.as_tensor(np.asarray(ends), dtype=torch.long)
-                rewards[i].index_add_(0, idx, torch.as_tensor(np.asarray(prs), dtype=torch.float32))
+                idx = torch.tensor(np.asarray(ends), dtype=torch.long)
+                rewards[i].index_add_(0, idx, torch.tensor(np.asarray(prs), dtype=torch.float32))
     if "ref_logprobs" in rows.columns:
         ref_logprobs = _pad([np.asarray(x, dtype=np.float32) for x in rows["ref_logprobs"]], rlen, 0.0, False, torch.float32)
     else:

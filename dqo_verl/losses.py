@@ -71,3 +71,12 @@ def dqo_value_loss_fn(model_output: dict, data: TensorDict, dp_group=None) -> tu
         normalizer=_normalizer(data),
     )
     return loss, _metrics(loss, metrics, "value")
+
+
+def sft_loss_fn(model_output: dict, data: TensorDict, dp_group=None) -> tuple:
+    """Supervised fine-tuning: mean negative log-likelihood of the response tokens of the update."""
+    log_probs = no_padding_2_padding(model_output["log_probs"], data).float()
+    (mask,) = _batch_fields(data, "response_mask")
+    loss = -torch.where(mask.bool(), log_probs, torch.zeros_like(log_probs)).sum()
+    loss = loss / data["batch_num_tokens"] * data["dp_size"]
+    return loss, {"sft/loss": Metric(AggregationType.SUM, loss.detach())}

@@ -27,12 +27,25 @@ def register_recipes(recipes_dir: Path = RECIPES_DIR) -> list[str]:
     return names
 
 
+def compose_config(recipe: str, overrides: list[str] = ()) -> DictConfig:
+    """The config `python -m dqo_verl.main +recipe=RECIPE *overrides` would run with."""
+    from hydra import compose, initialize_config_module
+
+    register_recipes()
+    with initialize_config_module(config_module="dqo_verl.config", version_base=None):
+        return compose("dqo", overrides=[f"+recipe={recipe}", *overrides])
+
+
 def run(config: DictConfig) -> dict:
     """Start Ray (or join the cluster) and train."""
     from dqo_verl.trainer import DQOTrainer, init_ray
 
     init_ray(config)
-    return DQOTrainer(config).fit()
+    trainer = DQOTrainer(config)
+    try:
+        return trainer.fit()
+    finally:
+        trainer.shutdown()
 
 
 @hydra.main(config_path="config", config_name="dqo", version_base=None)

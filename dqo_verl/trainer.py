@@ -21,14 +21,11 @@ import pandas as pd
 import ray
 import torch
 from omegaconf import DictConfig, OmegaConf
-from tensordict import TensorDict
 from tqdm import tqdm
 
 import dqo_verl.cpu_platform  # noqa: F401  (registers the CPU platform; errors surface here, not silently)
-from verl.single_controller.ray import RayClassWithInitArgs, RayResourcePool, RayWorkerGroup
 from verl.utils import tensordict_utils as tu
 from verl.utils.checkpoint.checkpoint_manager import find_latest_ckpt_path, get_checkpoint_tracker_filename
-from verl.utils.config import omega_conf_to_dataclass
 from verl.utils.device import get_device_name
 from verl.utils.metric import reduce_metrics
 from verl.utils.tracking import Tracking
@@ -46,10 +43,9 @@ from dqo_verl.data import (
     write_parquet_atomic,
 )
 from dqo_verl.losses import dqo_policy_loss_fn, dqo_value_loss_fn
-from dqo_verl.workers import DQOWorker
+from dqo_verl.workers import GROUPS_PER_RANK, make_resource_pool, make_worker_group, release, release_pool, with_meta
 
 PLUGIN_ENV = {"VERL_USE_EXTERNAL_MODULES": "dqo_verl.cpu_platform", "TOKENIZERS_PARALLELISM": "false"}
-GROUPS_PER_RANK = 3  # policy, value and (at start-up) reference share each rank's slot
 
 
 def init_ray(config: DictConfig) -> None:
@@ -78,11 +74,20 @@ def _attn_implementation(device: str) -> str:
     return "sdpa"
 
 
-def _with_meta(td: TensorDict, **meta) -> TensorDict:
-    """Shallow copy of `td` with extra non-tensor entries (the original is left as it was)."""
-    out = td.copy()
-    tu.assign_non_tensor(out, **meta)
-    return out
+def _set_config_dtype_to_weights(model_dir: Path) -> None:
+    """verl writes hf_model weights in the training dtype but labels config.json bfloat16, so a plain
+    `from_pretrained` would downcast them; label the config with the dtype actually stored."""
+    from safetensors import safe_open
+
+    names = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}
+    shard = sorted(model_dir.glob("*.safetensors"))[0]
+    with safe_open(shard, "pt") as f:
+        stored = names.get(f.get_slice(next(iter(f.keys()))).get_dtype())
+    config_path = model_dir / "config.json"
+    config = json.loads(config_path.read_text())
+    if stored and config.get("dtype") != stored:
+        config["dtype"] = stored
+        config_path.write_text(json.dumps(config, indent=2) + "\n")
 
 
 def _scalars(metrics: dict) -> dict:
@@ -115,17 +120,18 @@ class DQOTrainer:
             )
 
         ranks = config.trainer.nnodes * config.trainer.n_gpus_per_node
-        self.pool = RayResourcePool(
-            process_on_nodes=[config.trainer.n_gpus_per_node] * config.trainer.nnodes,
-            use_gpu=self.device != "cpu",
-            max_colocate_count=GROUPS_PER_RANK,
-            name_prefix="dqo",
-        )
+        self.pool = make_resource_pool(config.trainer.nnodes, config.trainer.n_gpus_per_node)
         self.corpus = self._with_ref_logprobs(corpus, corpus_path)
 
         self.batch_size = config.data.train_batch_size
-        if self.batch_size % ranks:
-            raise ValueError(f"data.train_batch_size={self.batch_size} must be divisible by the {ranks} ranks")
+        for role in ("policy", "value"):
+            for key in ("micro_batch_size_per_gpu", "infer_micro_batch_size_per_gpu"):
+                micro = config[role].engine[key]
+                if self.batch_size % (ranks * micro):
+                    raise ValueError(
+                        f"data.train_batch_size={self.batch_size} must be a multiple of the {ranks} ranks x "
+                        f"{role}.engine.{key}={micro}"
+                    )
         self.steps_per_epoch = len(self.corpus) // self.batch_size
         if self.steps_per_epoch == 0:
             raise ValueError(f"corpus has {len(self.corpus)} rows, fewer than data.train_batch_size={self.batch_size}")
@@ -150,29 +156,9 @@ class DQOTrainer:
         return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
     def _worker_group(self, name: str, model_type: str, role: DictConfig, loss_fn=None, forward_only=False):
-        from verl.workers.config import TrainingWorkerConfig
-
-        engine_config = omega_conf_to_dataclass(role.engine)
-        engine_config.forward_only = forward_only
-        optimizer_config = omega_conf_to_dataclass(role.optim)
-        optimizer_config.total_training_steps = getattr(self, "total_steps", 1)
-        worker_config = TrainingWorkerConfig(
-            model_type=model_type,
-            model_config=omega_conf_to_dataclass(role.model),
-            engine_config=engine_config,
-            optimizer_config=optimizer_config,
-            checkpoint_config=omega_conf_to_dataclass(self.config.checkpoint),
+        return make_worker_group(
+            self.pool, name, model_type, role, self.config.checkpoint, getattr(self, "total_steps", 1), loss_fn, forward_only
         )
-        group = RayWorkerGroup(
-            resource_pool=self.pool,
-            ray_cls_with_init=RayClassWithInitArgs(ray.remote(DQOWorker), config=worker_config),
-            device_name=self.device,
-            name_prefix=f"dqo_{name}_",
-        )
-        if loss_fn is not None:
-            group.set_loss_fn(loss_fn=loss_fn)
-        group.reset()
-        return group
 
     # ------------------------------------------------------------------ reference log-probs
 
@@ -210,22 +196,22 @@ class DQOTrainer:
         ref = self._worker_group("ref", "language_model", ref_role, forward_only=True)
         ranks = self.config.trainer.nnodes * self.config.trainer.n_gpus_per_node
         spec = BatchSpec(pad_token_id=self._pad_token_id())
-        chunk = max(ranks, self.config.ref.batch_size // ranks * ranks)
+        unit = ranks * self.config.ref.micro_batch_size_per_gpu  # every rank needs whole micro-batches
+        chunk = max(unit, self.config.ref.batch_size // unit * unit)
         logprobs: list[np.ndarray] = []
         n = len(corpus)
         with tqdm(total=n, desc="ref log-probs", unit="resp", dynamic_ncols=True) as bar:
             for start in range(0, n, chunk):
                 rows = corpus.iloc[start : start + chunk]
-                pad = (-len(rows)) % ranks  # every rank needs an equal share: repeat rows, drop their outputs
+                pad = (-len(rows)) % unit  # repeat a row to fill the last micro-batches; its outputs are dropped
                 batch = build_batch(pd.concat([rows, rows.iloc[[0] * pad]]) if pad else rows, spec)
                 td = left_right_2_no_padding(batch)
-                out = ref.infer_batch(_with_meta(td, compute_loss=False, calculate_entropy=False)).get()
+                out = ref.infer_batch(with_meta(td, compute_loss=False, calculate_entropy=False)).get()
                 lp = no_padding_2_padding(tu.get(out, "log_probs"), td).float()
                 lens = batch["response_mask"].sum(dim=1).tolist()
                 logprobs.extend(lp[i, : lens[i]].numpy().copy() for i in range(len(rows)))
                 bar.update(len(rows))
-        for worker in ref.workers:
-            ray.kill(worker)
+        release(ref)
         corpus = corpus.copy()
         corpus["ref_logprobs"] = logprobs
         write_parquet_atomic(corpus, cache, metadata=fingerprint)
@@ -239,8 +225,8 @@ class DQOTrainer:
         cfg = self.config.algorithm
         batch = build_batch(rows, self.spec)
         td = left_right_2_no_padding(batch)
-        policy_out = self.policy.infer_batch(_with_meta(td, compute_loss=False, calculate_entropy=False))
-        value_out = self.value.infer_batch(_with_meta(td, compute_loss=False))
+        policy_out = self.policy.infer_batch(with_meta(td, compute_loss=False, calculate_entropy=False))
+        value_out = self.value.infer_batch(with_meta(td, compute_loss=False))
         logp = no_padding_2_padding(tu.get(policy_out.get(), "log_probs"), td).float()
         values = no_padding_2_padding(tu.get(value_out.get(), "values"), td).float()
 
@@ -263,10 +249,10 @@ class DQOTrainer:
             seed=self.config.trainer.seed + step,
             dataloader_kwargs={"shuffle": False},
         )
-        value_td = _with_meta(td, **update)
+        value_td = with_meta(td, **update)
         value_td["returns"] = returns
         value_td["is_weights"] = weights if cfg.is_value else ones
-        policy_td = _with_meta(td, **update)
+        policy_td = with_meta(td, **update)
         policy_td["values"] = values
         policy_td["returns"] = returns
         policy_td["is_weights"] = weights if cfg.is_policy else ones
@@ -359,9 +345,16 @@ class DQOTrainer:
         tmp = dst.with_name(".policy.tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         shutil.copytree(src, tmp)
+        _set_config_dtype_to_weights(tmp)
         shutil.rmtree(dst, ignore_errors=True)
         os.rename(tmp, dst)
         return dst
+
+    def shutdown(self) -> None:
+        """Release the worker groups and their placement groups."""
+        release(self.policy)
+        release(self.value)
+        release_pool(self.pool)
 
     # ------------------------------------------------------------------ loop
 
@@ -377,6 +370,7 @@ class DQOTrainer:
         )
         step = self.load_checkpoint()
         metrics: dict = {}
+        self.history: list[dict] = []
         last_ckpt = None
         bar = tqdm(total=self.total_steps, initial=step, desc="DQO", unit="step", dynamic_ncols=True)
         while step < self.total_steps:
@@ -390,6 +384,7 @@ class DQOTrainer:
             tokens = int(rows["response_ids"].map(len).sum())
             metrics.update({"perf/step_time_s": elapsed, "perf/response_tokens_per_s": tokens / elapsed, "train/epoch": epoch + 1})
             tracking.log(data=metrics, step=step)
+            self.history.append(metrics)
             bar.set_postfix(
                 epoch=epoch + 1, tok_s=f"{tokens / elapsed:.0f}", pi_loss=f"{metrics.get('policy/loss', float('nan')):.4f}"
             )
