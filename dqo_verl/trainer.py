@@ -319,7 +319,7 @@ class DQOTrainer:
         mode = self.config.trainer.resume_mode
         if mode == "disable":
             return 0
-        if mode == "resume_path":
+        if mode in ("path", "resume_path"):
             path = self.config.trainer.resume_from_path
             if not path or not Path(path).is_dir():
                 raise FileNotFoundError(f"trainer.resume_from_path={path!r} is not a checkpoint folder")
@@ -328,7 +328,7 @@ class DQOTrainer:
             if path is None:
                 return 0
         else:
-            raise ValueError(f"trainer.resume_mode must be auto, disable or resume_path, got {mode!r}")
+            raise ValueError(f"trainer.resume_mode must be auto, disable or path, got {mode!r}")
         path = Path(path)
         state = json.loads((path / "trainer_state.json").read_text())
         if state["steps_per_epoch"] != self.steps_per_epoch:
