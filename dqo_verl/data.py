@@ -84,8 +84,11 @@ def validate_corpus(df: pd.DataFrame, path) -> None:
             if not all(math.isfinite(float(r)) for r in rewards):
                 raise CorpusError(path, row, "process_rewards", f"non-finite reward in {list(rewards)}")
         logps = rec.get("ref_logprobs") if has["ref_logprobs"] else None
-        if logps is not None and len(logps) != n:
-            raise CorpusError(path, row, "ref_logprobs", f"{len(logps)} values for {n} response tokens")
+        if logps is not None:
+            if len(logps) != n:
+                raise CorpusError(path, row, "ref_logprobs", f"{len(logps)} values for {n} response tokens")
+            if not np.isfinite(np.asarray(logps, dtype=np.float64)).all():
+                raise CorpusError(path, row, "ref_logprobs", "non-finite log-probability")
 
 
 def apply_length_limits(

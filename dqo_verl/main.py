@@ -8,6 +8,7 @@ group `recipe`; each is merged over the base config `dqo_verl/config/dqo.yaml`.
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import hydra
@@ -38,10 +39,11 @@ def compose_config(recipe: str, overrides: list[str] = ()) -> DictConfig:
 
 def run(config: DictConfig) -> dict:
     """Start Ray (or join the cluster) and train."""
-    from dqo_verl.trainer import DQOTrainer, init_ray
+    from dqo_verl.trainer import DQOTrainer, init_ray, load_training_corpus
 
+    corpus = load_training_corpus(config)  # bad input fails here, before Ray or any worker starts
     init_ray(config)
-    trainer = DQOTrainer(config)
+    trainer = DQOTrainer(config, corpus)
     try:
         return trainer.fit()
     finally:
@@ -50,7 +52,14 @@ def run(config: DictConfig) -> dict:
 
 @hydra.main(config_path="config", config_name="dqo", version_base=None)
 def main(config: DictConfig) -> None:
-    run(config)
+    from dqo_verl.data import CorpusError
+    from dqo_verl.trainer import TrainingError
+
+    try:
+        run(config)
+    except (CorpusError, TrainingError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(1)
 
 
 register_recipes()

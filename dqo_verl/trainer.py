@@ -9,7 +9,9 @@ the DQO losses (`losses.py`, installed with `set_loss_fn`).
 
 from __future__ import annotations
 
+import hashlib
 import json
+import math
 import os
 import shutil
 import time
@@ -25,13 +27,13 @@ from tqdm import tqdm
 
 import dqo_verl.cpu_platform  # noqa: F401  (registers the CPU platform; errors surface here, not silently)
 from verl.utils import tensordict_utils as tu
-from verl.utils.checkpoint.checkpoint_manager import find_latest_ckpt_path, get_checkpoint_tracker_filename
 from verl.utils.device import get_device_name
 from verl.utils.metric import reduce_metrics
 from verl.utils.tracking import Tracking
 from verl.workers.utils.padding import left_right_2_no_padding, no_padding_2_padding
 
 from dqo_verl import algo
+from dqo_verl.checkpoints import COMPLETE_MARKER, CheckpointDir
 from dqo_verl.data import (
     BatchSpec,
     apply_length_limits,
@@ -74,6 +76,26 @@ def _attn_implementation(device: str) -> str:
     return "sdpa"
 
 
+class TrainingError(RuntimeError):
+    """The run cannot go on (non-finite loss or gradient, a lost worker); the last checkpoint stands."""
+
+
+def collect(future, group: str, step: int):
+    """Result of a worker-group call; fails fast, naming the group, when one of its workers dies.
+
+    Waiting on each rank separately matters: the surviving ranks of an FSDP group would block in a
+    collective until their timeout, so waiting on all of them at once would hang.
+    """
+    pending = list(future.futures)
+    while pending:
+        ready, pending = ray.wait(pending, num_returns=1)
+        try:
+            ray.get(ready[0])
+        except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError) as exc:
+            raise TrainingError(f"worker group '{group}' failed at step {step}: {type(exc).__name__}: {exc}") from exc
+    return future.get()
+
+
 def _set_config_dtype_to_weights(model_dir: Path) -> None:
     """verl writes hf_model weights in the training dtype but labels config.json bfloat16, so a plain
     `from_pretrained` would downcast them; label the config with the dtype actually stored."""
@@ -90,34 +112,67 @@ def _set_config_dtype_to_weights(model_dir: Path) -> None:
         config_path.write_text(json.dumps(config, indent=2) + "\n")
 
 
+def _rows_digest(rows: np.ndarray) -> str:
+    return hashlib.sha1(np.asarray(rows, dtype=np.int64).tobytes()).hexdigest()[:16]
+
+
+class StepLog:
+    """<output_dir>/metrics.jsonl: one JSON record per update (metrics and which rows it used).
+
+    On resume, records after the resumed step (updates lost with the process) are dropped first.
+    """
+
+    def __init__(self, path: Path, resume_step: int):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        kept = []
+        if path.exists():
+            kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= resume_step]
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        os.replace(tmp, path)
+        self.file = open(path, "a", buffering=1)
+
+    def write(self, record: dict) -> None:
+        self.file.write(json.dumps(record) + "\n")
+
+    def close(self) -> None:
+        self.file.close()
+
+
 def _scalars(metrics: dict) -> dict:
     return {k: float(v) for k, v in metrics.items()}
+
+
+def load_training_corpus(config: DictConfig) -> pd.DataFrame:
+    """Read, check and length-limit the corpus (before any worker starts); prints what was cut."""
+    path = Path(config.data.train_files).expanduser()
+    corpus = read_corpus(path)
+    validate_corpus(corpus, path)
+    overlong = config.data.overlong
+    corpus, stats = apply_length_limits(corpus, config.data.max_prompt_length, config.data.max_response_length, overlong)
+    if stats["prompt_too_long_dropped"] or stats["response_too_long"]:
+        print(
+            f"[data] {stats['prompt_too_long_dropped']} rows dropped (prompt > {config.data.max_prompt_length} tokens); "
+            f"{stats['response_too_long']} responses > {config.data.max_response_length} tokens ({overlong})"
+        )
+    return corpus
 
 
 class DQOTrainer:
     """Builds the worker groups and runs the offline DQO update loop."""
 
-    def __init__(self, config: DictConfig):
+    def __init__(self, config: DictConfig, corpus: pd.DataFrame | None = None):
         self.config = config
         self.device = get_device_name()
         self.out_dir = Path(config.trainer.output_dir)
-        self.ckpt_dir = Path(config.trainer.default_local_dir)
+        self.checkpoints = CheckpointDir(config.trainer.default_local_dir)
         for role in ("policy", "value"):
             if config[role].model.override_config.get("attn_implementation") is None:
                 config[role].model.override_config.attn_implementation = _attn_implementation(self.device)
 
         corpus_path = Path(config.data.train_files).expanduser()
-        corpus = read_corpus(corpus_path)
-        validate_corpus(corpus, corpus_path)
-        corpus, stats = apply_length_limits(
-            corpus, config.data.max_prompt_length, config.data.max_response_length, config.data.get("overlong", "truncate")
-        )
-        if stats["prompt_too_long_dropped"] or stats["response_too_long"]:
-            print(
-                f"[data] {stats['prompt_too_long_dropped']} rows dropped (prompt > {config.data.max_prompt_length} tokens); "
-                f"{stats['response_too_long']} responses > {config.data.max_response_length} tokens "
-                f"({config.data.get('overlong', 'truncate')})"
-            )
+        if corpus is None:
+            corpus = load_training_corpus(config)
 
         ranks = config.trainer.nnodes * config.trainer.n_gpus_per_node
         self.pool = make_resource_pool(config.trainer.nnodes, config.trainer.n_gpus_per_node)
@@ -172,7 +227,7 @@ class DQOTrainer:
         return {
             "dqo.ref_model": str(Path(self.config.ref.path).expanduser().resolve()),
             "dqo.corpus": f"{corpus_path.resolve()}:{st.st_size}:{st.st_mtime_ns}",
-            "dqo.limits": f"{d.max_prompt_length}:{d.max_response_length}:{d.get('overlong', 'truncate')}",
+            "dqo.limits": f"{d.max_prompt_length}:{d.max_response_length}:{d.overlong}",
         }
 
     def _with_ref_logprobs(self, corpus: pd.DataFrame, corpus_path: Path) -> pd.DataFrame:
@@ -227,8 +282,8 @@ class DQOTrainer:
         td = left_right_2_no_padding(batch)
         policy_out = self.policy.infer_batch(with_meta(td, compute_loss=False, calculate_entropy=False))
         value_out = self.value.infer_batch(with_meta(td, compute_loss=False))
-        logp = no_padding_2_padding(tu.get(policy_out.get(), "log_probs"), td).float()
-        values = no_padding_2_padding(tu.get(value_out.get(), "values"), td).float()
+        logp = no_padding_2_padding(tu.get(collect(policy_out, "policy", step + 1), "log_probs"), td).float()
+        values = no_padding_2_padding(tu.get(collect(value_out, "value", step + 1), "values"), td).float()
 
         mask = td["response_mask"].bool()
         log_ratio = torch.where(mask, logp - td["ref_logprobs"], torch.zeros_like(logp))
@@ -258,8 +313,15 @@ class DQOTrainer:
         policy_td["is_weights"] = weights if cfg.is_policy else ones
         value_future = self.value.train_mini_batch(value_td)
         policy_future = self.policy.train_mini_batch(policy_td)
-        value_metrics = _scalars(reduce_metrics(tu.get(value_future.get(), "metrics")))
-        policy_metrics = _scalars(reduce_metrics(tu.get(policy_future.get(), "metrics")))
+        value_metrics = _scalars(reduce_metrics(tu.get(collect(value_future, "value", step + 1), "metrics")))
+        policy_metrics = _scalars(reduce_metrics(tu.get(collect(policy_future, "policy", step + 1), "metrics")))
+        for group, group_metrics in (("policy", policy_metrics), ("value", value_metrics)):
+            for key in ("loss", "grad_norm"):
+                if not math.isfinite(group_metrics.get(key, 0.0)):
+                    raise TrainingError(
+                        f"non-finite {group} {key.replace('_', ' ')} ({group_metrics[key]}) at step {step + 1}; "
+                        "stopping without a checkpoint of this step"
+                    )
 
         seq_log_ratio = log_ratio.sum(dim=1)
         metrics = {f"value/{k}" if "/" not in k else k: v for k, v in value_metrics.items()}
@@ -284,35 +346,17 @@ class DQOTrainer:
     # ------------------------------------------------------------------ checkpoints
 
     def save_checkpoint(self, step: int) -> Path:
-        """global_step_N/{policy,value,trainer_state.json}: written under a temp name, renamed, then the tracker."""
-        self.ckpt_dir.mkdir(parents=True, exist_ok=True)
-        final = self.ckpt_dir / f"global_step_{step}"
-        tmp = self.ckpt_dir / f".global_step_{step}.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        self.policy.save_checkpoint(local_path=str(tmp / "policy"), global_step=step)
-        self.value.save_checkpoint(local_path=str(tmp / "value"), global_step=step)
-        state = {"global_step": step, "steps_per_epoch": self.steps_per_epoch, "seed": self.config.trainer.seed}
-        (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2))
-        if final.exists():
-            shutil.rmtree(final)
-        os.rename(tmp, final)
-        tracker = Path(get_checkpoint_tracker_filename(str(self.ckpt_dir)))
-        tracker_tmp = tracker.with_name(tracker.name + ".tmp")
-        tracker_tmp.write_text(str(step))
-        os.replace(tracker_tmp, tracker)
-        self._prune_checkpoints(keep=final)
-        return final
+        """global_step_N/{policy,value,trainer_state.json}, atomically (see checkpoints.py); prunes old ones."""
 
-    def _prune_checkpoints(self, keep: Path) -> None:
-        k = self.config.trainer.max_ckpt_to_keep
-        if not k or k <= 0:
-            return
-        steps = sorted(
-            (int(p.name.split("_")[-1]), p) for p in self.ckpt_dir.glob("global_step_*") if p.name.split("_")[-1].isdigit()
-        )
-        for _, path in steps[:-k]:
-            if path != keep:
-                shutil.rmtree(path, ignore_errors=True)
+        def write(folder: Path) -> None:
+            self.policy.save_checkpoint(local_path=str(folder / "policy"), global_step=step)
+            self.value.save_checkpoint(local_path=str(folder / "value"), global_step=step)
+            state = {"global_step": step, "steps_per_epoch": self.steps_per_epoch, "seed": self.config.trainer.seed}
+            (folder / COMPLETE_MARKER).write_text(json.dumps(state, indent=2))
+
+        path = self.checkpoints.save(step, write)
+        self.checkpoints.prune(self.config.trainer.max_ckpt_to_keep)
+        return path
 
     def load_checkpoint(self) -> int:
         """Restore policy, value and data position per trainer.resume_mode; returns the global step."""
@@ -321,16 +365,16 @@ class DQOTrainer:
             return 0
         if mode in ("path", "resume_path"):
             path = self.config.trainer.resume_from_path
-            if not path or not Path(path).is_dir():
+            if not path or not (Path(path) / COMPLETE_MARKER).exists():
                 raise FileNotFoundError(f"trainer.resume_from_path={path!r} is not a checkpoint folder")
         elif mode == "auto":
-            path = find_latest_ckpt_path(str(self.ckpt_dir)) if self.ckpt_dir.exists() else None
+            path = self.checkpoints.latest()
             if path is None:
                 return 0
         else:
             raise ValueError(f"trainer.resume_mode must be auto, disable or path, got {mode!r}")
         path = Path(path)
-        state = json.loads((path / "trainer_state.json").read_text())
+        state = json.loads((path / COMPLETE_MARKER).read_text())
         if state["steps_per_epoch"] != self.steps_per_epoch:
             raise ValueError(f"{path}: saved with {state['steps_per_epoch']} updates per epoch, now {self.steps_per_epoch}")
         self.policy.load_checkpoint(local_path=str(path / "policy"))
@@ -361,7 +405,7 @@ class DQOTrainer:
     def fit(self) -> dict:
         """Run all updates (resuming if configured); returns the last step's metrics."""
         config = self.config
-        os.environ.setdefault("TENSORBOARD_DIR", str(self.out_dir / "tensorboard"))
+        os.environ["TENSORBOARD_DIR"] = str(Path(config.trainer.get("tensorboard_dir") or self.out_dir / "tensorboard").resolve())
         tracking = Tracking(
             project_name=config.trainer.project_name,
             experiment_name=config.trainer.experiment_name,
@@ -369,6 +413,7 @@ class DQOTrainer:
             config=OmegaConf.to_container(config, resolve=True),
         )
         step = self.load_checkpoint()
+        step_log = StepLog(self.out_dir / "metrics.jsonl", resume_step=step)
         metrics: dict = {}
         self.history: list[dict] = []
         last_ckpt = None
@@ -384,6 +429,7 @@ class DQOTrainer:
             tokens = int(rows["response_ids"].map(len).sum())
             metrics.update({"perf/step_time_s": elapsed, "perf/response_tokens_per_s": tokens / elapsed, "train/epoch": epoch + 1})
             tracking.log(data=metrics, step=step)
+            step_log.write({"step": step, "epoch": epoch, "batch": index, "rows_sha1": _rows_digest(batches[index]), **metrics})
             self.history.append(metrics)
             bar.set_postfix(
                 epoch=epoch + 1, tok_s=f"{tokens / elapsed:.0f}", pi_loss=f"{metrics.get('policy/loss', float('nan')):.4f}"
@@ -394,12 +440,12 @@ class DQOTrainer:
             if end_of_epoch or step == self.total_steps or (save_freq and save_freq > 0 and step % save_freq == 0):
                 last_ckpt = self.save_checkpoint(step)
         bar.close()
+        step_log.close()
         if last_ckpt is None:
-            latest = find_latest_ckpt_path(str(self.ckpt_dir))
-            last_ckpt = Path(latest) if latest else self.save_checkpoint(step)
+            last_ckpt = self.checkpoints.latest() or self.save_checkpoint(step)
         export = self.export_policy(last_ckpt)
         tracking.finish()
-        print(f"[done] checkpoints: {self.ckpt_dir}")
-        print(f"[done] logs (tensorboard): {os.environ['TENSORBOARD_DIR']}")
-        print(f"[done] final policy (HF format): {export}")
+        print(f"[done] checkpoints: {self.checkpoints.root.resolve()}")
+        print(f"[done] logs: {os.environ['TENSORBOARD_DIR']} (tensorboard), {(self.out_dir / 'metrics.jsonl').resolve()}")
+        print(f"[done] final policy (HF format): {export.resolve()}")
         return metrics

@@ -4,6 +4,7 @@ import subprocess
 import sys
 
 import yaml
+from omegaconf import OmegaConf
 
 from dqo_verl.main import RECIPES_DIR, compose_config, register_recipes
 
@@ -34,3 +35,43 @@ def test_cfg_job_prints_the_composed_config():
     cfg = yaml.safe_load(out)
     assert cfg["algorithm"]["granularity"] == "sequence"
     assert cfg["policy"]["optim"]["lr"] == 2e-5 and cfg["value"]["optim"]["lr"] == 3e-4
+
+
+PAPER = {
+    "qwen_numina": ("Qwen/Qwen2.5-Math-7B", 5e-7, 4096, "AI-MO/NuminaMath-CoT"),
+    "qwen2_gsm8k": ("Qwen/Qwen2-7B-Instruct", 5e-7, 1024, "openai/gsm8k"),
+    "qwen2_math": ("Qwen/Qwen2-7B-Instruct", 5e-7, 2048, "DigitalLearningGmbH/MATH-lighteval"),
+    "gemma_gsm8k": ("google/gemma-1.1-7b-it", 1e-7, 1024, "openai/gsm8k"),
+    "gemma_math": ("google/gemma-1.1-7b-it", 1e-7, 2048, "DigitalLearningGmbH/MATH-lighteval"),
+}
+
+
+def test_paper_recipes_follow_appendix_a2():
+    for name, (model, policy_lr, max_response, dataset) in PAPER.items():
+        for variant in (name, f"{name}_ps"):
+            cfg = compose_config(variant)
+            a = cfg.algorithm
+            assert (a.beta, a.lam, a.is_policy, a.is_value, a.is_log_clip) == (0.03, 1.0, True, True, 1.0), variant
+            assert a.granularity == "token"
+            assert a.use_process_rewards == variant.endswith("_ps")
+            assert cfg.policy.model.path == model and cfg.value.model.path == model
+            assert cfg.policy.optim.lr == policy_lr and cfg.value.optim.lr == 5e-6
+            assert cfg.data.train_batch_size == 256 and cfg.data.max_response_length == max_response
+            assert cfg.data.train_batch_size // (cfg.trainer.nnodes * cfg.trainer.n_gpus_per_node) == 32
+            assert (cfg.trainer.nnodes, cfg.trainer.n_gpus_per_node) == (1, 8)
+            assert cfg.trainer.total_epochs == 5 and cfg.trainer.save_freq == -1  # a checkpoint per epoch
+            assert cfg.dataset.path == dataset
+            assert cfg.trainer.experiment_name == variant
+            assert cfg.data.train_files == f"outputs/{variant}/data/corpus.parquet"
+
+
+def test_paper_recipe_paths_are_overridable_and_printed_by_cfg_job():
+    for name in ("qwen_numina", "gemma_math_ps"):
+        out = subprocess.run(
+            [sys.executable, "-m", "dqo_verl.main", f"+recipe={name}", "policy.model.path=/models/mine", "--cfg", "job"],
+            capture_output=True, text=True, check=True,
+        ).stdout
+        cfg = OmegaConf.to_container(OmegaConf.create(out), resolve=True)
+        assert cfg["policy"]["model"]["path"] == "/models/mine"
+        assert cfg["value"]["model"]["path"] == "/models/mine"  # the value model follows the policy
+        assert cfg["trainer"]["experiment_name"] == name

@@ -91,6 +91,7 @@ def bad(column, value, row=1):
         (bad("process_rewards", [math.inf]), 1, "process_rewards", "non-finite"),
         (bad("process_rewards", [0.1, 0.2]), 1, "process_rewards", "one reward per"),
         (bad("ref_logprobs", [0.0]), 1, "ref_logprobs", "1 values for 4"),
+        (bad("ref_logprobs", [0.0, float("nan"), 0.0, 0.0]), 1, "ref_logprobs", "non-finite"),
         (bad("prompt_ids", "abc", row=0), 0, "prompt_ids", "expected a list"),
         (bad("response_ids", [1.5, 2.5]), 1, "response_ids", "integers"),
     ],
