@@ -45,7 +45,15 @@ from dqo_verl.data import (
     write_parquet_atomic,
 )
 from dqo_verl.losses import dqo_policy_loss_fn, dqo_value_loss_fn
-from dqo_verl.workers import GROUPS_PER_RANK, make_resource_pool, make_worker_group, release, release_pool, with_meta
+from dqo_verl.workers import (
+    GROUPS_PER_RANK,
+    make_resource_pool,
+    make_worker_group,
+    pool_nodes,
+    release,
+    release_pool,
+    with_meta,
+)
 
 PLUGIN_ENV = {"VERL_USE_EXTERNAL_MODULES": "dqo_verl.cpu_platform", "TOKENIZERS_PARALLELISM": "false"}
 
@@ -201,6 +209,8 @@ class DQOTrainer:
         )
         self.policy = self._worker_group("policy", "language_model", config.policy, partial(dqo_policy_loss_fn, beta=config.algorithm.beta))
         self.value = self._worker_group("value", "value_model", config.value, dqo_value_loss_fn)
+        nodes = pool_nodes(self.pool)
+        print(f"[pool] {len(nodes)} ranks on {len(set(nodes))} node(s) ({self.device}); policy and value groups up")
 
     # ------------------------------------------------------------------ worker groups
 

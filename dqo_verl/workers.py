@@ -72,6 +72,17 @@ def make_worker_group(
     return group
 
 
+def pool_nodes(pool: RayResourcePool) -> list[str]:
+    """Ray node id of every rank slot of a (placed) pool."""
+    from ray.util import placement_group_table
+
+    nodes = []
+    for pg in pool.pgs or []:
+        table = placement_group_table(pg)["bundles_to_node_id"]
+        nodes.extend(table[i] for i in sorted(table))
+    return nodes
+
+
 def release(group: RayWorkerGroup) -> None:
     """Kill the group's actors, freeing their slots (and memory)."""
     for worker in group.workers:

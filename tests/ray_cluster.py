@@ -7,6 +7,7 @@ cluster's temp dir in their command line); never a machine-wide `ray stop`.
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -46,7 +47,8 @@ class LocalRayCluster:
     def __init__(self, temp_dir: Path, num_nodes: int = 1, cpus_per_node: int = 4):
         self.temp_dir = Path(temp_dir)
         self.temp_dir.mkdir(parents=True, exist_ok=True)
-        self.env = {**os.environ, **ENV}
+        # jobs run `python` from the raylets' PATH: this interpreter's environment
+        self.env = {**os.environ, **ENV, "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}"}
         self.gcs_port = free_port()
         self.dashboard_port = free_port()
         self.address = f"127.0.0.1:{self.gcs_port}"
@@ -101,13 +103,15 @@ class LocalRayCluster:
             "--", *entrypoint, timeout=120,
         )
         assert out.returncode == 0, out.stdout + out.stderr
-        job_id = next(w for w in out.stdout.split() if w.startswith("raysubmit_"))
+        job_id = re.search(r"raysubmit_[A-Za-z0-9]+", out.stdout).group(0)
         deadline = time.time() + timeout
         status = "UNKNOWN"
         while time.time() < deadline:
             self._collect_pids()
-            status_out = self._ray("job", "status", f"--address={self.dashboard_url}", job_id).stdout
-            status = next((s for s in ("SUCCEEDED", "FAILED", "STOPPED") if s in status_out), "RUNNING")
+            status_out = self._ray("job", "status", f"--address={self.dashboard_url}", job_id)
+            assert status_out.returncode == 0, status_out.stdout + status_out.stderr
+            text = (status_out.stdout + status_out.stderr).upper()  # e.g. "Job 'raysubmit_..' succeeded"
+            status = next((s for s in ("SUCCEEDED", "FAILED", "STOPPED") if s in text), "RUNNING")
             if status != "RUNNING":
                 break
             time.sleep(2)

@@ -1,0 +1,90 @@
+"""The checkpoint folder protocol: temp folder, rename, tracker last; pruning; corpus loading messages."""
+
+import pandas as pd
+import pytest
+
+from dqo_verl.checkpoints import COMPLETE_MARKER, CheckpointDir
+from dqo_verl.main import compose_config
+from dqo_verl.trainer import load_training_corpus
+
+
+def writer(content: str, fail_after_first_file: bool = False):
+    def write(folder):
+        (folder / "policy").mkdir(parents=True)
+        (folder / "policy" / "model.pt").write_text(content)
+        if fail_after_first_file:
+            raise KeyboardInterrupt("killed mid-save")
+        (folder / COMPLETE_MARKER).write_text("{}")
+
+    return write
+
+
+def test_save_renames_then_updates_tracker(tmp_path):
+    ckpts = CheckpointDir(tmp_path / "c")
+    assert ckpts.latest() is None
+    path = ckpts.save(3, writer("a"))
+    assert path == tmp_path / "c" / "global_step_3"
+    assert ckpts.tracker.read_text() == "3" and ckpts.latest() == path
+    assert sorted(p.name for p in ckpts.root.iterdir()) == ["global_step_3", "latest_checkpointed_iteration.txt"]
+
+
+def test_a_half_written_checkpoint_is_never_picked_up(tmp_path):
+    ckpts = CheckpointDir(tmp_path)
+    ckpts.save(2, writer("good"))
+    with pytest.raises(KeyboardInterrupt):
+        ckpts.save(4, writer("partial", fail_after_first_file=True))
+    assert (tmp_path / ".global_step_4.tmp").exists()
+    assert not (tmp_path / "global_step_4").exists()
+    assert ckpts.latest() == tmp_path / "global_step_2"  # and the leftover is cleaned
+    assert not (tmp_path / ".global_step_4.tmp").exists()
+    # a complete-looking folder the tracker does not name is ignored too
+    (tmp_path / "global_step_9").mkdir()
+    (tmp_path / "global_step_9" / COMPLETE_MARKER).write_text("{}")
+    assert ckpts.latest() == tmp_path / "global_step_2"
+
+
+def test_writer_must_finish_with_the_marker(tmp_path):
+    ckpts = CheckpointDir(tmp_path)
+    with pytest.raises(RuntimeError, match=COMPLETE_MARKER):
+        ckpts.save(1, lambda folder: folder.mkdir())
+    assert ckpts.latest() is None
+
+
+def test_tracker_naming_a_missing_checkpoint_is_an_error(tmp_path):
+    ckpts = CheckpointDir(tmp_path)
+    ckpts.save(5, writer("x"))
+    ckpts.tracker.write_text("7")
+    with pytest.raises(FileNotFoundError, match="global_step_7"):
+        ckpts.latest()
+
+
+def test_resave_of_the_same_step_replaces_it(tmp_path):
+    ckpts = CheckpointDir(tmp_path)
+    ckpts.save(5, writer("old"))
+    ckpts.save(5, writer("new"))
+    assert (tmp_path / "global_step_5" / "policy" / "model.pt").read_text() == "new"
+
+
+def test_prune_keeps_newest_k(tmp_path):
+    ckpts = CheckpointDir(tmp_path)
+    for step in (2, 4, 6, 8, 10):
+        ckpts.save(step, writer(str(step)))
+    assert ckpts.prune(None) == [] and ckpts.prune(0) == []
+    removed = ckpts.prune(2)
+    assert sorted(p.name for p in removed) == ["global_step_2", "global_step_4", "global_step_6"]
+    assert sorted(p.name for p in tmp_path.glob("global_step_*")) == ["global_step_10", "global_step_8"]
+    ckpts.tracker.write_text("8")  # the tracked one is never removed
+    assert ckpts.prune(1) == []
+
+
+def test_training_corpus_is_checked_and_length_limited_with_counts(tmp_path, capsys):
+    path = tmp_path / "c.parquet"
+    pd.DataFrame(
+        {"prompt_ids": [[1, 2], [1] * 9, [3]], "response_ids": [[4, 5, 6], [7], [8] * 6], "score": [1.0, 0.0, 1.0]}
+    ).to_parquet(path)
+    cfg = compose_config("tiny_cpu", [f"data.train_files={path}", "data.max_prompt_length=4", "data.max_response_length=4"])
+    corpus = load_training_corpus(cfg)
+    assert len(corpus) == 2 and corpus["response_ids"].map(len).tolist() == [3, 4]
+    assert "1 rows dropped (prompt > 4 tokens); 1 responses > 4 tokens (truncate)" in capsys.readouterr().out
+    cfg.data.overlong = "drop"
+    assert len(load_training_corpus(cfg)) == 1

@@ -1,0 +1,172 @@
+"""Cluster use on a throw-away 2-node Ray cluster: `ray job submit`, exact resume after SIGKILL,
+a killed worker. Each test stops only the processes its cluster started."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from ray_cluster import LocalRayCluster
+
+pytestmark = pytest.mark.slow
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    c = LocalRayCluster(tmp_path_factory.mktemp("raycluster"), num_nodes=2, cpus_per_node=4)
+    try:
+        yield c
+    finally:
+        c.stop()
+
+
+def overrides(tiny_models, corpus, out, *extra):
+    policy, value = tiny_models
+    return [
+        "+recipe=tiny_cpu",
+        f"data.train_files={corpus}",
+        f"policy.model.path={policy}",
+        f"value.model.path={value}",
+        f"trainer.output_dir={out}",
+        "trainer.nnodes=2",
+        "trainer.n_gpus_per_node=1",
+        "trainer.logger=[console]",
+        *extra,
+    ]
+
+
+def driver_env(cluster):
+    return {**cluster.env, "PYTHONUNBUFFERED": "1"}
+
+
+def start_driver(cluster, args, log: Path) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "dqo_verl.main", *args, f"ray_init.address={cluster.address}"]
+    return subprocess.Popen(
+        cmd, cwd=REPO, env=driver_env(cluster), stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True
+    )
+
+
+def wait_for(predicate, timeout=300, proc=None, what=""):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if predicate():
+            return
+        if proc is not None and proc.poll() is not None:
+            raise AssertionError(f"driver exited ({proc.returncode}) before {what}")
+        time.sleep(0.05)
+    raise TimeoutError(what)
+
+
+def tracker_step(out: Path) -> int | None:
+    tracker = out / "checkpoints" / "latest_checkpointed_iteration.txt"
+    try:
+        return int(tracker.read_text())
+    except (FileNotFoundError, ValueError):
+        return None
+
+
+def test_ray_job_submit_on_two_nodes(cluster, tiny_models, tiny_corpus, tmp_path):
+    out = tmp_path / "job"
+    entry = ["python", "-m", "dqo_verl.main", *overrides(tiny_models, tiny_corpus, out, "trainer.total_training_steps=2")]
+    status, logs = cluster.submit(entry, working_dir=REPO)
+    assert status == "SUCCEEDED", logs[-3000:]
+    assert "[pool] 2 ranks on 2 node(s) (cpu)" in logs
+    assert (out / "export" / "policy" / "model.safetensors").exists()
+    assert tracker_step(out) == 2
+
+
+def weights(out: Path, step: int) -> dict:
+    return {
+        part: load_file(out / "checkpoints" / f"global_step_{step}" / part / "huggingface" / "model.safetensors")
+        for part in ("policy", "value")
+    }
+
+
+def records(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_resume_after_sigkill_is_bit_exact(cluster, tiny_models, tiny_corpus, tmp_path):
+    # 64 rows / 16 = 4 updates per epoch, 2 epochs; checkpoints every 3 updates and at epoch ends, keep 2
+    common = [
+        "data.train_batch_size=16",
+        "trainer.total_epochs=2",
+        "trainer.save_freq=3",
+        "trainer.max_ckpt_to_keep=2",
+        *[f"{r}.engine.{k}=8" for r in ("policy", "value") for k in ("micro_batch_size_per_gpu", "infer_micro_batch_size_per_gpu")],
+    ]
+    straight, broken = tmp_path / "straight", tmp_path / "broken"
+    subprocess.run(
+        [sys.executable, "-m", "dqo_verl.main", *overrides(tiny_models, tiny_corpus, straight, *common),
+         f"ray_init.address={cluster.address}"],
+        cwd=REPO, env=driver_env(cluster), check=True, capture_output=True,
+    )
+
+    proc = start_driver(cluster, overrides(tiny_models, tiny_corpus, broken, *common), tmp_path / "broken1.log")
+    wait_for(lambda: tracker_step(broken) == 3, proc=proc, what="the step-3 checkpoint")
+    os.killpg(proc.pid, signal.SIGKILL)  # mid-epoch (update 3 of 4), mid-update 4
+    proc.wait()
+    before = records(broken)
+    assert 3 <= len(before) < 8
+
+    resumed = subprocess.run(
+        [sys.executable, "-m", "dqo_verl.main", *overrides(tiny_models, tiny_corpus, broken, *common),
+         f"ray_init.address={cluster.address}"],
+        cwd=REPO, env=driver_env(cluster), capture_output=True, text=True,
+    )
+    assert resumed.returncode == 0, resumed.stdout[-3000:]
+    assert "[resume]" in resumed.stdout and "global_step_3 (global step 3)" in resumed.stdout
+
+    a, b = weights(straight, 8), weights(broken, 8)
+    for part in ("policy", "value"):
+        assert a[part].keys() == b[part].keys()
+        for name in a[part]:
+            assert torch.equal(a[part][name], b[part][name]), (part, name)
+    # the data order continued where it stopped: same batches, each update once
+    ra, rb = records(straight), records(broken)
+    assert [r["step"] for r in rb] == list(range(1, 9))
+    assert [(r["epoch"], r["batch"], r["rows_sha1"]) for r in rb] == [(r["epoch"], r["batch"], r["rows_sha1"]) for r in ra]
+    assert [r["policy/loss"] for r in rb] == [r["policy/loss"] for r in ra]
+    # keep-last-2 pruning; nothing half-written left behind
+    assert sorted(p.name for p in (broken / "checkpoints").glob("global_step_*")) == ["global_step_6", "global_step_8"]
+    assert not list((broken / "checkpoints").glob(".*"))
+
+
+def policy_worker_pids(cluster) -> list[int]:
+    out = cluster._ray("list", "actors", f"--address={cluster.dashboard_url}", "--format=json", "--limit=1000").stdout
+    return [a["pid"] for a in json.loads(out) if (a.get("name") or "").startswith("dqo_policy_") and a["state"] == "ALIVE"]
+
+
+def test_a_killed_worker_stops_the_driver_naming_its_group(cluster, tiny_models, tiny_corpus, tmp_path):
+    out = tmp_path / "run"
+    args = overrides(tiny_models, tiny_corpus, out, "data.train_batch_size=16", "trainer.total_epochs=4", "trainer.save_freq=2",
+                     *[f"{r}.engine.{k}=8" for r in ("policy", "value") for k in ("micro_batch_size_per_gpu", "infer_micro_batch_size_per_gpu")])
+    log = tmp_path / "driver.log"
+    proc = start_driver(cluster, args, log)
+    wait_for(lambda: tracker_step(out) == 2, proc=proc, what="the step-2 checkpoint")
+    pids = policy_worker_pids(cluster)
+    assert len(pids) == 2
+    os.kill(pids[1], signal.SIGKILL)
+    try:
+        code = proc.wait(timeout=180)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    text = log.read_text()
+    assert code != 0
+    assert "error: worker group 'policy' failed at step" in text, text[-3000:]
+    step = tracker_step(out)
+    assert step is not None and step >= 2
+    last = out / "checkpoints" / f"global_step_{step}"
+    assert json.loads((last / "trainer_state.json").read_text())["global_step"] == step
+    for part in ("policy", "value"):
+        assert len(list((last / part).glob("model_world_size_2_rank_*.pt"))) == 2
+        assert (last / part / "huggingface" / "model.safetensors").exists()
