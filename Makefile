@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 # pip's notices about this machine's optional local package indexes are noise
 QUIET := 2>&1 | { grep -v "is ignored: it is neither a file nor a directory" || true; }
 
-.PHONY: install install-gpu test test-fast demo clean
+.PHONY: install install-gpu test test-fast demo bench-train clean
 
 # CPU install: torch 2.13.0 (CPU wheel) first, then the package, its deps and the test tools.
 $(STAMP): pyproject.toml
@@ -34,6 +34,10 @@ test-fast: install
 
 demo: install
 	$(PY) -m dqo_verl.demo
+
+# benchmarks (not tests): ratios measured in one run on this machine
+bench-train: install
+	$(PY) bench/bench_train.py
 
 clean:
 	rm -rf outputs
