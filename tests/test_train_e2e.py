@@ -1,6 +1,7 @@
 """The training driver end to end: Ray groups of 2 ranks, DQO losses, reference cache, checkpoints, export."""
 
 import json
+import shutil
 
 import numpy as np
 import pandas as pd
@@ -44,10 +45,18 @@ def train(cfg):
         trainer.shutdown()
 
 
+def private_copy(corpus, tmp_path):
+    """The corpus in a folder of the test's own, so its reference cache starts absent."""
+    path = tmp_path / "data" / "corpus.parquet"
+    path.parent.mkdir()
+    shutil.copy(corpus, path)
+    return path
+
+
 def test_dqo_training_end_to_end(ray_session, tiny_models, tiny_corpus, tmp_path, capsys):
     out = tmp_path / "run"
+    tiny_corpus = private_copy(tiny_corpus, tmp_path)
     cache = tiny_corpus.with_name("corpus.ref.parquet")
-    assert not cache.exists()
     cfg = config(
         tiny_models, tiny_corpus, out,
         "trainer.total_epochs=6", "algorithm.lam=0.5", "policy.optim.lr=3e-3", "value.optim.lr=3e-3",
@@ -96,9 +105,10 @@ def test_dqo_training_end_to_end(ray_session, tiny_models, tiny_corpus, tmp_path
 
 
 def test_reference_cache_is_reused(ray_session, tiny_models, tiny_corpus, tmp_path, capsys):
+    tiny_corpus = private_copy(tiny_corpus, tmp_path)
     cache = tiny_corpus.with_name("corpus.ref.parquet")
-    if not cache.exists():  # run alone: create it first
-        train(config(tiny_models, tiny_corpus, tmp_path / "first", "trainer.total_training_steps=1"))
+    train(config(tiny_models, tiny_corpus, tmp_path / "first", "trainer.total_training_steps=1"))
+    assert "computing reference" in capsys.readouterr().out
     stamp = cache.stat().st_mtime_ns
     capsys.readouterr()
     history = train(config(tiny_models, tiny_corpus, tmp_path / "again", "trainer.total_training_steps=1"))
