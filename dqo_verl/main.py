@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
+from typing import Callable
 
 import hydra
 from hydra.core.config_store import ConfigStore
@@ -50,19 +51,33 @@ def run(config: DictConfig) -> dict:
         trainer.shutdown()
 
 
-@hydra.main(config_path="config", config_name="dqo", version_base=None)
-def main(config: DictConfig) -> None:
-    from dqo_verl.data import CorpusError
-    from dqo_verl.trainer import TrainingError
+def entry_point(fn: Callable[[DictConfig], object]) -> Callable[[], None]:
+    """A command over the base config + recipes: `python -m MODULE +recipe=NAME key=value ...`.
 
-    try:
-        run(config)
-    except (CorpusError, TrainingError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(1)
+    Errors about the user's input (bad corpus or dataset rows, a failed run) end the command with one
+    line on stderr and exit status 1.
+    """
+
+    def command(config: DictConfig) -> None:
+        from dqo_verl.data import CorpusError
+        from dqo_verl.trainer import TrainingError
+
+        try:
+            fn(config)
+        except (CorpusError, TrainingError, InputError) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            sys.exit(1)
+
+    command.__name__ = command.__qualname__ = fn.__name__
+    return hydra.main(config_path="pkg://dqo_verl.config", config_name="dqo", version_base=None)(command)
+
+
+class InputError(ValueError):
+    """Bad user input found by a data-preparation command (names the file, row and field)."""
 
 
 register_recipes()
+main = entry_point(run)
 
 if __name__ == "__main__":
     main()

@@ -98,3 +98,38 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def trained_tiny_policy(tiny_models, tmp_path_factory):
+    """The tiny policy after a short plain-PyTorch SFT on synthetic solutions: it writes ASCII arithmetic
+    and stops with eos, so sampled text is meaningful (a random model emits stray bytes)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.manual_seed(0)
+    tok = AutoTokenizer.from_pretrained(tiny_models[0])
+    model = AutoModelForCausalLM.from_pretrained(tiny_models[0], dtype=torch.float32)
+    opt = torch.optim.AdamW(model.parameters(), lr=2e-3)
+    problems = synthetic.make_problems(32 * 60, seed=99)
+    for step in range(60):
+        batch = problems[step * 32 : (step + 1) * 32]
+        seqs = []
+        for p in batch:
+            prompt = tok.apply_chat_template([{"role": "user", "content": p["question"]}], add_generation_prompt=True, tokenize=True)["input_ids"]
+            seqs.append((prompt, tok(p["solution"])["input_ids"] + [tok.eos_token_id]))
+        width = max(len(a) + len(b) for a, b in seqs)
+        ids = torch.full((len(seqs), width), tok.pad_token_id)
+        labels = torch.full((len(seqs), width), -100)
+        for i, (a, b) in enumerate(seqs):
+            ids[i, : len(a) + len(b)] = torch.tensor(a + b)
+            labels[i, len(a) : len(a) + len(b)] = torch.tensor(b)
+        lengths = torch.tensor([len(a) + len(b) for a, b in seqs])
+        loss = model(input_ids=ids, attention_mask=torch.arange(width)[None] < lengths[:, None], labels=labels).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    out = tmp_path_factory.mktemp("trained") / "policy"
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out

@@ -18,7 +18,7 @@ def test_recipes_are_registered():
 def test_tiny_recipe_composes_over_base_with_overrides():
     cfg = compose_config("tiny_cpu", ["algorithm.beta=0.1", "paths.assets=/x"])
     assert cfg.algorithm.beta == 0.1 and cfg.algorithm.lam == 1.0  # override, base default
-    assert cfg.data.train_files == "/x/corpus.parquet"
+    assert cfg.data.train_files == "outputs/tiny_cpu/data/corpus.parquet"
     assert cfg.policy.model.path == "/x/policy" and cfg.value.model.path == "/x/value"
     assert cfg.policy.engine.strategy == "fsdp2" and cfg.value.engine.strategy == "fsdp2"
     assert cfg.policy.optim._target_ == "verl.workers.config.FSDPOptimizerConfig"  # verl's own config groups

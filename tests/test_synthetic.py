@@ -1,11 +1,7 @@
-"""The synthetic task generator and the GSM8K-format grader."""
-
-import random
-
-import pytest
+"""The synthetic task generator."""
 
 from dqo_verl import synthetic
-from dqo_verl.grading import extract_gsm8k_answer, grade
+from dqo_verl.grading import grade
 
 
 def evaluate(question: str) -> int:
@@ -56,24 +52,6 @@ def test_rows_are_verl_prompt_rows():
     assert rows[1]["extra_info"] == {"split": "test", "index": 1, "solution": synthetic.make_problems(3, seed=0)[1]["solution"]}
 
 
-@pytest.mark.parametrize(
-    "response,truth,score,pred",
-    [
-        ("2+2=4\n\n#### 4", "4", 1.0, "4"),
-        ("#### 1,234", "1234", 1.0, "1234"),
-        ("#### $12.50", "12.5", 1.0, "12.50"),
-        ("#### 3 #### 5", "5", 1.0, "5"),
-        ("#### 7", "8", 0.0, "7"),
-        ("the answer is 4", "4", 0.0, None),
-        ("#### -3", "-3", 1.0, "-3"),
-        ("####", "0", 0.0, None),
-    ],
-)
-def test_gsm8k_grading(response, truth, score, pred):
-    assert grade(response, truth, "openai/gsm8k") == {"score": score, "pred": pred}
-
-
-def test_grading_unknown_source_raises_clearly():
-    with pytest.raises(ValueError, match="no grader"):
-        grade("#### 1", "1", "unknown/source")
-    assert extract_gsm8k_answer("x #### 42 apples") == "42"
+def test_gold_solutions_grade_correct():
+    for p in synthetic.make_problems(50, seed=3):
+        assert grade(p["solution"], p["answer"], synthetic.DATA_SOURCE) == {"score": 1.0, "pred": p["answer"]}

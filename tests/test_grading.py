@@ -1,0 +1,126 @@
+"""Outcome grading: GSM8K numbers, MATH-style boxed answers with math-verify, adversarial inputs."""
+
+import time
+
+import pandas as pd
+import pytest
+
+from dqo_verl.grading import extract_gsm8k_answer, grade, last_boxed, normalize_answer, score_corpus
+
+MATH = "DigitalLearningGmbH/MATH-lighteval"
+
+
+@pytest.mark.parametrize(
+    "response,truth,score,pred",
+    [
+        ("2+2=4\n\n#### 4", "4", 1.0, "4"),
+        ("#### 1,234", "1234", 1.0, "1234"),
+        ("#### $12.50", "12.5", 1.0, "12.50"),
+        ("#### 3 #### 5", "5", 1.0, "5"),
+        ("#### 7", "8", 0.0, "7"),
+        ("the answer is 4", "4", 0.0, None),
+        ("#### -3", "-3", 1.0, "-3"),
+        ("####", "0", 0.0, None),
+        ("#### 5.000", "5", 1.0, "5.000"),
+    ],
+)
+def test_gsm8k_grading(response, truth, score, pred):
+    assert grade(response, truth, "openai/gsm8k") == {"score": score, "pred": pred}
+
+
+def test_last_boxed_matches_braces_and_takes_the_last():
+    assert last_boxed(r"first \boxed{1} then \boxed{\frac{a}{b^{2}}} end") == r"\frac{a}{b^{2}}"
+    assert last_boxed(r"\fbox{7}") == "7"
+    assert last_boxed(r"so \boxed 5.") == "5."
+    assert last_boxed("no box") is None and last_boxed(r"\boxed{unclosed") is None
+    assert extract_gsm8k_answer("x #### 42 apples") == "42"
+
+
+@pytest.mark.parametrize(
+    "pred,truth",
+    [
+        (r"\frac{1}{2}", "0.5"),
+        (r"\dfrac{1}{2}", r"\frac12"),
+        (r"\frac{\sqrt{2}}{2}", r"\sqrt{2}/2"),
+        (r"2\sqrt{3}", r"\sqrt{12}"),
+        ("0.25", r"\frac{1}{4}"),
+        (r"50\%", "50"),
+        (r"10\text{ cm}", "10"),
+        (r"\text{(C)}", "C"),
+        ("(C)", "C"),
+        ("x=5", "5"),
+        (r"x = -\frac{3}{2}", "-1.5"),
+        (r"[0, 1)", "[0,1)"),
+        (r"(-\infty, 3]", r"(-\infty,3]"),
+        ("(1, 2)", "(1,2)"),
+        (r"\{2, 1\}", r"\{1,2\}"),
+        (r"\begin{pmatrix} 1 \\ 2 \end{pmatrix}", r"\begin{pmatrix}1\\2\end{pmatrix}"),
+        ("1,000", "1000"),
+        (r"\$5", "5"),
+        (r"90^\circ", "90"),
+        (r"\left( 3, \frac{\pi}{2} \right)", r"\left(3,\frac{\pi}{2}\right)"),
+    ],
+)
+def test_math_equivalent_answers(pred, truth):
+    assert grade(rf"... so the answer is \boxed{{{pred}}}.", truth, MATH) == {"score": 1.0, "pred": pred}
+
+
+@pytest.mark.parametrize(
+    "pred,truth",
+    [("3", "4"), (r"\frac{1}{3}", "0.33"), ("2x", "2"), ("(1,2)", "(2,1)"), ("B", "C"), (r"\sqrt{2}", "2"), ("[0,1]", "[0,1)")],
+)
+def test_math_different_answers(pred, truth):
+    assert grade(rf"\boxed{{{pred}}}", truth, MATH)["score"] == 0.0
+
+
+def test_numina_and_aime_sources_use_boxed_answers():
+    assert grade(r"\boxed{204}", "204", "aime24")["score"] == 1.0
+    assert grade(r"\boxed{\frac{3}{4}}", r"\frac34", "AI-MO/NuminaMath-CoT")["score"] == 1.0
+    assert grade("The answer is 204.", "204", "aime24") == {"score": 0.0, "pred": None}
+
+
+@pytest.mark.parametrize(
+    "pred",
+    [
+        "{" * 2000 + "1" + "}" * 2000,
+        r"\frac{" * 300 + "1" + "}{2}" * 300,
+        "9^{9^{9^{9^{9}}}}",
+        "10^{10^{10}}",
+        "2^{1000000000}",
+        "100000!",
+        r"\sqrt{" * 500 + "2" + "}" * 500,
+        "x" * 50000,
+        "(((" * 3000,
+    ],
+)
+def test_adversarial_answers_are_fast_and_never_raise(pred):
+    start = time.perf_counter()
+    out = grade(rf"\boxed{{{pred}}}", "1", MATH)
+    assert time.perf_counter() - start < 5.0
+    assert out["score"] == 0.0
+
+
+def test_grade_never_raises_on_junk():
+    for args in ((None, "1", MATH), (r"\boxed{1}", None, MATH), ("#### 1", "1", "unknown/source"), ("", "", "")):
+        out = grade(*args)
+        assert out["score"] == 0.0
+
+
+def test_normalize_answer():
+    assert normalize_answer(r"\dfrac{1}{2}.") == r"\frac{1}{2}"
+    assert normalize_answer(r"\left(1, 2\right)") == "(1,2)"
+    assert normalize_answer("3.50") == "3.5" and normalize_answer(".5") == "0.5"
+
+
+def test_score_corpus_in_a_process_pool():
+    df = pd.DataFrame(
+        {
+            "response": [r"\boxed{\frac12}", "#### 7", r"\boxed{3}", "#### 1,000"] * 20,
+            "reward_model": [{"ground_truth": "0.5"}, {"ground_truth": "7"}, {"ground_truth": "4"}, {"ground_truth": "1000"}] * 20,
+            "data_source": [MATH, "openai/gsm8k", MATH, "openai/gsm8k"] * 20,
+        }
+    )
+    scored = score_corpus(df, workers=2, chunk=16)
+    assert scored["score"].tolist() == [1.0, 1.0, 0.0, 1.0] * 20
+    assert scored["pred"].tolist()[:4] == [r"\frac12", "7", "3", "1000"]
+    assert "score" not in df.columns
