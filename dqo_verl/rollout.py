@@ -30,9 +30,9 @@ def vllm_available() -> bool:
     return importlib.util.find_spec("vllm") is not None
 
 
-def sample_seed(base: int, prompt_uid: int, sample: int) -> int:
-    """A 31-bit seed fixed by (rollout seed, prompt, sample index)."""
-    return int(np.random.SeedSequence([base, prompt_uid, sample]).generate_state(1)[0] % (2**31 - 1))
+def sample_seed(base: int, *keys: int) -> int:
+    """A 31-bit seed fixed by the rollout seed and `keys` (e.g. prompt and sample index)."""
+    return int(np.random.SeedSequence([base, *keys]).generate_state(1)[0] % (2**31 - 1))
 
 
 def objects(values: list) -> np.ndarray:

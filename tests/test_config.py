@@ -62,7 +62,8 @@ def test_paper_recipes_follow_appendix_a2():
             assert cfg.trainer.total_epochs == 5 and cfg.trainer.save_freq == -1  # a checkpoint per epoch
             assert cfg.dataset.path == dataset
             assert cfg.trainer.experiment_name == variant
-            assert cfg.data.train_files == f"outputs/{variant}/data/corpus.parquet"
+            corpus = "corpus_ps.parquet" if variant.endswith("_ps") else "corpus.parquet"
+            assert cfg.data.train_files == f"outputs/{name}/data/{corpus}"  # _ps reuses its base recipe's corpus
 
 
 def test_paper_recipe_paths_are_overridable_and_printed_by_cfg_job():

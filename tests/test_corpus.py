@@ -165,19 +165,29 @@ def test_baseline_sets_follow_their_rules(tmp_path, tiny_models):
 
 @pytest.mark.slow
 def test_recipe_data_stages_end_to_end(ray_session, tiny_models, trained_tiny_policy, tmp_path, capsys):
-    from data_prep import corpus, prompts, score
+    import json
+
+    from data_prep import corpus, process, prompts, score
     from dqo_verl.main import compose_config
 
     cfg = compose_config(
         "tiny_cpu",
         [f"paths.data={tmp_path}", f"policy.model.path={trained_tiny_policy}", "dataset.limit=8", "rollout.n=4",
-         "rollout.max_tokens=64", "rollout.shard_prompts=3"],
+         "rollout.max_tokens=64", "rollout.shard_prompts=3", "process.k=3", "process.shard_rows=20"],
     )
     prompts.prepare(cfg)
     corpus.run(cfg)
     score.run(cfg)
     baselines.run(cfg)
+    process.run(cfg)
     out = capsys.readouterr().out
+    ps = pd.read_parquet(tmp_path / "corpus_ps.parquet")
+    assert len(ps) == 32 and (tmp_path / "process_prefix.png").exists()
+    for ends, rewards, prefix, s, ids in zip(ps["segment_ends"], ps["process_rewards"], ps["correct_prefix"], ps["score"], ps["response_ids"]):
+        assert len(ends) == len(rewards) and ends[-1] == len(ids) - 1 and list(ends) == sorted(set(ends))
+        assert sum(rewards) == pytest.approx(1.0 if s == 1 else prefix / len(ends))
+    stats = json.loads((tmp_path / "process_stats.json").read_text())
+    assert stats["failed_responses_searched"] == int((ps["score"] == 0).sum()) and stats["completions"] > 0
     data = pd.read_parquet(tmp_path / "corpus.parquet")
     assert len(data) == 32 and set(data["score"]) <= {0.0, 1.0}
     assert data.groupby("uid").size().eq(4).all()
