@@ -117,8 +117,10 @@ def plot_histograms(corpus: pd.DataFrame, out_dir: Path) -> list[Path]:
 def run(cfg: DictConfig) -> Path:
     from verl.utils import hf_tokenizer
 
+    from data_prep import require, score
+
     data = Path(cfg.paths.data)
-    corpus = pd.read_parquet(data / "corpus.parquet")
+    corpus = pd.read_parquet(require(data / "corpus.parquet", score.run, cfg))
     prompts = pd.read_parquet(data / "prompts.parquet")
     out_dir = data / "baselines"
     out_dir.mkdir(parents=True, exist_ok=True)

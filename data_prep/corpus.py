@@ -73,8 +73,11 @@ def run(cfg: DictConfig) -> Path:
     """The `corpus` stage of a recipe."""
     from dqo_verl.trainer import init_ray
 
+    from data_prep import prompts as prompts_stage
+    from data_prep import require
+
     data = Path(cfg.paths.data)
-    prompts = pd.read_parquet(data / "prompts.parquet")
+    prompts = pd.read_parquet(require(data / "prompts.parquet", prompts_stage.prepare, cfg))
     r = cfg.rollout
     init_ray(cfg)
     group = RolloutGroup(OmegaConf.to_container(r, resolve=True), cfg.policy.model.path, cfg.trainer.nnodes, engines_per_node(cfg))

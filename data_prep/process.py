@@ -111,8 +111,10 @@ def run(cfg: DictConfig) -> Path:
     from dqo_verl.rollout import RolloutGroup
     from dqo_verl.trainer import init_ray
 
+    from data_prep import require, score
+
     data = Path(cfg.paths.data)
-    corpus = pd.read_parquet(data / "corpus.parquet")
+    corpus = pd.read_parquet(require(data / "corpus.parquet", score.run, cfg))
     tokenizer = hf_tokenizer(cfg.policy.model.path)
     params = sampling_params(cfg.rollout)
     shard_dir = data / "process_shards"

@@ -31,8 +31,11 @@ def corpus_stats(corpus: pd.DataFrame) -> dict:
 
 
 def run(cfg: DictConfig) -> Path:
+    from data_prep import corpus as corpus_stage
+    from data_prep import require
+
     data = Path(cfg.paths.data)
-    samples = pd.read_parquet(data / "samples.parquet")
+    samples = pd.read_parquet(require(data / "samples.parquet", corpus_stage.run, cfg))
     corpus = score_corpus(samples, workers=cfg.score.workers)
     out = data / "corpus.parquet"
     write_parquet_atomic(corpus, out)
