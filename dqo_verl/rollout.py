@@ -140,20 +140,23 @@ class RolloutWorker(Worker):
             kwargs = {"do_sample": False} if greedy else dict(
                 do_sample=True, temperature=p["temperature"], top_p=p["top_p"], top_k=p["top_k"] or None, min_p=p["min_p"]
             )
+            copies = 1 if greedy else j - i  # greedy decoding is deterministic: one answer serves every copy
             with torch.no_grad():
                 gen = self.model.generate(
                     input_ids=input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=p["max_tokens"],
-                    num_return_sequences=j - i, eos_token_id=eos, pad_token_id=pad, output_logits=True,
+                    num_return_sequences=copies, eos_token_id=eos, pad_token_id=pad, output_logits=True,
                     return_dict_in_generate=True, **kwargs,
                 )
             scores = torch.stack(gen.logits, dim=1).float().log_softmax(-1)  # raw log-probs, as vLLM's
-            for row, seq in enumerate(gen.sequences[:, input_ids.shape[1] :].tolist()):
+            sequences = gen.sequences[:, input_ids.shape[1] :].tolist()
+            for row in range(j - i):
+                seq = sequences[row % copies]
                 stop = seq.index(eos) + 1 if eos in seq else None
                 ids = seq[:stop] if stop else seq
                 result["response_ids"].append(ids)
                 result["response"].append(tok.decode(ids, skip_special_tokens=True))
                 result["finish_reason"].append("stop" if stop else "length")
-                result["logprobs"].append([float(scores[row, t, x]) for t, x in enumerate(ids)])
+                result["logprobs"].append([float(scores[row % copies, t, x]) for t, x in enumerate(ids)])
             i = j
         return result
 

