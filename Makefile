@@ -32,7 +32,7 @@ install-gpu:
 	$(PIP) install flash-attn --no-build-isolation
 
 test: install
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=15
 
 # the pure tests only (seconds)
 test-fast: install

@@ -1,18 +1,24 @@
 """`make demo`: the embedded default, end to end on a CPU, building everything it needs.
 
-Stages (each writes its output atomically and is skipped when the output exists; `--redo` reruns):
-  1. base    tiny random Qwen2 + character tokenizer                     assets/base
-  2. sft     warm-up on gold solutions of the synthetic task              assets/policy
-  3. value   value model = policy backbone + seeded score head            assets/value
-  4. prompts synthetic prompts (`make prompts`)                           data/prompts.parquet
-  5. corpus  N samples per prompt, rollout worker group (`make corpus`)   data/samples.parquet
-  6. score   graded 1/0 (`make score`)                                    data/corpus.parquet
-  7. train   the main job: python -m dqo_verl.main +recipe=tiny_cpu
+Stages, all under `--root` (default outputs/tiny_cpu); each writes its output atomically and is
+skipped when the output exists (`--redo` starts over):
+  1. base     tiny random Qwen2 + character tokenizer                        assets/base
+  2. sft      warm-up on gold solutions of the synthetic task                 assets/policy
+  3. value    value model = policy backbone + seeded score head               assets/value
+  4. prompts  synthetic prompts (`make prompts`)                              data/prompts.parquet
+  5. corpus   N samples per prompt on the rollout worker group (`make corpus`) data/samples.parquet
+  6. score    graded 1/0 (`make score`)                                       data/corpus.parquet
+  7. process  process scores from prefix completions (`make process`)         data/corpus_ps.parquet
+  8. train    the main job: python -m dqo_verl.main +recipe=tiny_cpu          run/
+  9. eval     base vs DQO on held-out problems, greedy and 5 sampling seeds   eval/
+ 10. values   V after each segment of a few test answers                      value_curves.png
+The last line is `demo: greedy accuracy base=... dqo=... (n=... test problems)`.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import subprocess
@@ -24,10 +30,12 @@ import pandas as pd
 from omegaconf import DictConfig, OmegaConf
 
 from dqo_verl import synthetic
+from dqo_verl.data import write_parquet_atomic
 from dqo_verl.main import compose_config
 
 RECIPE = "tiny_cpu"
 SFT_SEED = 1000
+SFT_STEPS = 800
 
 
 def stage_sft(cfg: DictConfig, base: Path, out: Path, args) -> None:
@@ -39,7 +47,10 @@ def stage_sft(cfg: DictConfig, base: Path, out: Path, args) -> None:
     from dqo_verl.trainer import init_ray
 
     tokenizer = AutoTokenizer.from_pretrained(base)
-    problems = synthetic.make_problems(args.sft_problems, seed=args.seed + SFT_SEED)
+    problems = synthetic.make_problems(args.sft_problems or args.sft_steps * args.sft_batch_size, seed=args.seed + SFT_SEED)
+    sft_set = pd.DataFrame({"prompt": [[{"role": "user", "content": p["question"]}] for p in problems],
+                            "response": [p["solution"] for p in problems]})
+    write_parquet_atomic(sft_set, Path(cfg.paths.data) / "sft.parquet")  # evaluation keeps these out of its test set
     rows = pd.DataFrame(
         {
             "prompt_ids": [chat_prompt(tokenizer, p["question"]) for p in problems],
@@ -77,28 +88,53 @@ def in_process(fn, cfg: DictConfig):
             ray.shutdown()
 
 
+def value_curves(cfg: DictConfig, out: Path, per_kind: int = 2) -> Path:
+    """V after each segment of a few of the DQO policy's greedy test answers (right and wrong), one PNG."""
+    import torch
+    from transformers import AutoModelForTokenClassification, AutoTokenizer
+
+    from dqo_verl.checkpoints import CheckpointDir
+    from dqo_verl.inspect_values import plot, segment_values
+
+    value_dir = CheckpointDir(cfg.trainer.default_local_dir).latest() / "value" / "huggingface"
+    tokenizer = AutoTokenizer.from_pretrained(value_dir)
+    model = AutoModelForTokenClassification.from_pretrained(value_dir, dtype=torch.float32).eval()
+    samples = pd.read_parquet(Path(cfg.evaluate.out_dir) / "samples.parquet")
+    greedy = samples[(samples["model"] == "dqo") & (samples["decoding"] == "greedy")]
+    curves = {}
+    for score, kind in ((1.0, "right"), (0.0, "wrong")):
+        for _, row in greedy[greedy["score"] == score].head(per_kind).iterrows():
+            prompt_ids = tokenizer.apply_chat_template([{"role": "user", "content": row["prompt"]}], add_generation_prompt=True,
+                                                       tokenize=True)["input_ids"]
+            response_ids = tokenizer(row["response"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+            df = segment_values(model, tokenizer, prompt_ids, response_ids)
+            curves[f"test {row['uid']} ({kind})"] = df
+            print(f"\n[values] test problem {row['uid']} ({kind} answer):")
+            print(df.assign(text=df["text"].str.replace("\n", "\\n")).to_string(index=False))
+    plot(curves, out)
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--assets", default="outputs/tiny_cpu/assets")
-    parser.add_argument("--data", default="outputs/tiny_cpu/data")
+    parser.add_argument("--root", default="outputs/tiny_cpu", help="everything goes under this folder")
     parser.add_argument("--models-only", action="store_true", help="stop after the models (make tiny-model)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--sft-problems", type=int, default=4000)
-    parser.add_argument("--sft-steps", type=int, default=500)
+    parser.add_argument("--sft-problems", type=int, default=None, help="default: steps x batch (each problem seen once)")
+    parser.add_argument("--sft-steps", type=int, default=SFT_STEPS)
     parser.add_argument("--sft-batch-size", type=int, default=32)
     parser.add_argument("--sft-lr", type=float, default=2e-3)
     parser.add_argument("--redo", action="store_true", help="rebuild every stage")
-    parser.add_argument("overrides", nargs="*", help="extra key=value overrides for the main job")
+    parser.add_argument("overrides", nargs="*", help="extra key=value overrides of the tiny_cpu recipe")
     args = parser.parse_args(argv)
 
-    assets = Path(args.assets).resolve()
-    data = Path(args.data).resolve()
+    root = Path(args.root).resolve()
     if args.redo:
-        shutil.rmtree(assets, ignore_errors=True)
-        shutil.rmtree(data, ignore_errors=True)
-    assets.mkdir(parents=True, exist_ok=True)
-    overrides = [f"paths.assets={assets}", f"paths.data={data}", f"trainer.seed={args.seed}", *args.overrides]
+        shutil.rmtree(root, ignore_errors=True)
+    overrides = [f"paths.root={root}", f"trainer.seed={args.seed}", *args.overrides]
     cfg = compose_config(RECIPE, overrides)
+    assets, data = Path(cfg.paths.assets), Path(cfg.paths.data)
+    assets.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
 
     def stage(name: str, output: Path, fn) -> None:
@@ -119,18 +155,26 @@ def main(argv: list[str] | None = None) -> None:
     build_models(cfg, assets, args, stage)
     if args.models_only:
         return
-    from data_prep import corpus, prompts, score
+    from data_prep import corpus, process, prompts, score
+    from dqo_verl import evaluate
 
     stage("prompts", data / "prompts.parquet", lambda: in_process(prompts.prepare, cfg))
     stage("corpus", data / "samples.parquet", lambda: in_process(corpus.run, cfg))
     stage("score", data / "corpus.parquet", lambda: in_process(score.run, cfg))
+    stage("process scores", Path(cfg.data.train_files), lambda: in_process(process.run, cfg))
+    run_dir = Path(cfg.trainer.output_dir)
+    command = [sys.executable, "-m", "dqo_verl.main", f"+recipe={RECIPE}", *overrides]
+    stage("train DQO", run_dir / "export" / "policy", lambda: print(" ".join(command)) or subprocess.run(command, check=True))
+    eval_dir = Path(cfg.evaluate.out_dir)
+    stage("evaluate base and DQO", eval_dir / "summary.json", lambda: in_process(evaluate.run, cfg))
+    stage("value curves", root / "value_curves.png", lambda: value_curves(cfg, root / "value_curves.png"))
 
-    print(f"[demo] train: python -m dqo_verl.main +recipe={RECIPE} {' '.join(overrides)}")
-    subprocess.run([sys.executable, "-m", "dqo_verl.main", f"+recipe={RECIPE}", *overrides], check=True)
-    print(f"[demo] finished in {time.time() - t0:.0f}s")
-    print(f"[demo] models: {assets}")
-    print(f"[demo] data: {data}")
-    print(f"[demo] outputs: {Path(cfg.trainer.output_dir).resolve()}")
+    summary = json.loads((eval_dir / "summary.json").read_text())["results"]
+    print((eval_dir / "table.md").read_text())
+    print(f"[demo] finished in {time.time() - t0:.0f}s: models {assets}, data {data}, run {run_dir}, evaluation {eval_dir}, "
+          f"value curves {root / 'value_curves.png'}")
+    base, dqo = summary["base"]["synthetic greedy"], summary["dqo"]["synthetic greedy"]
+    print(f"demo: greedy accuracy base={base['accuracy']:.2f} dqo={dqo['accuracy']:.2f} (n={base['n']} test problems)")
 
 
 if __name__ == "__main__":

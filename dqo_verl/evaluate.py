@@ -80,13 +80,21 @@ def table(summary: dict) -> pd.DataFrame:
     return pd.DataFrame({c: {m: cell(summary[m][c]) if c in summary[m] else "" for m in summary} for c in columns})
 
 
-def eval_prompts(name: str, spec: DictConfig, seed: int) -> pd.DataFrame:
+def seen_questions(data_dir: Path) -> set[str]:
+    """Questions of the training prompts and SFT set under `data_dir` (kept out of a synthetic test set)."""
+    seen = set()
+    for name in ("prompts.parquet", "sft.parquet"):
+        if (data_dir / name).exists():
+            seen.update(m[0]["content"] for m in pd.read_parquet(data_dir / name, columns=["prompt"])["prompt"])
+    return seen
+
+
+def eval_prompts(name: str, spec: DictConfig, seed: int, data_dir: Path) -> pd.DataFrame:
     """The first `limit` problems of an evaluation set (prompt rows, training templates)."""
     from data_prep.prompts import build_prompts, build_synthetic_prompts
 
     if name == "synthetic":
-        # held out from the prompts a synthetic corpus draws (seeds below 10**6)
-        df = build_synthetic_prompts(spec.limit, seed=10**6 + seed, split="test")
+        df = build_synthetic_prompts(spec.limit, seed=10**6 + seed, exclude=seen_questions(data_dir), split="test")
     else:
         df, _ = build_prompts(spec.get("dataset", name), spec.get("path"), spec.get("split", "test"))
     limit = spec.get("limit")
@@ -152,7 +160,7 @@ def run(cfg: DictConfig) -> dict:
         if not Path(m).exists() and (m.startswith(("/", ".", "outputs")) or m.count("/") != 1):
             raise InputError(f"evaluate.models: {m} does not exist (train or export it first, e.g. `make demo`)")
     names = list(e.names) if e.get("names") else [model_name(m) for m in models]
-    datasets = {name: eval_prompts(name, e.datasets[name], cfg.trainer.seed) for name in e.sets}
+    datasets = {name: eval_prompts(name, e.datasets[name], cfg.trainer.seed, Path(cfg.paths.data)) for name in e.sets}
     init_ray(cfg)
     rows = [r for model, name in zip(models, names) for r in evaluate_model(model, name, datasets, cfg)]
     samples = pd.DataFrame(rows)

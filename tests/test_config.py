@@ -23,7 +23,7 @@ def test_tiny_recipe_composes_over_base_with_overrides():
     assert cfg.policy.engine.strategy == "fsdp2" and cfg.value.engine.strategy == "fsdp2"
     assert cfg.policy.optim._target_ == "verl.workers.config.FSDPOptimizerConfig"  # verl's own config groups
     assert cfg.trainer.n_gpus_per_node == 2 and cfg.trainer.experiment_name == "tiny_cpu"
-    assert cfg.trainer.default_local_dir == "outputs/dqo/tiny_cpu/checkpoints"
+    assert cfg.trainer.default_local_dir == "outputs/tiny_cpu/run/checkpoints"
     assert "hf_model" in cfg.checkpoint.save_contents
 
 
