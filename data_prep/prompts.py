@@ -165,9 +165,34 @@ def build_prompts(
     return pd.DataFrame(out), {"rows": len(out), "skipped": skipped}
 
 
-def build_synthetic_prompts(n: int, seed: int, exclude: set[str] | None = None, split: str = "train") -> pd.DataFrame:
+def synthetic_difficulty(cfg: DictConfig | None) -> synthetic.Difficulty:
+    """`dataset.difficulty` (any of the Difficulty fields) over the defaults."""
+    fields = {k: v if isinstance(v, int) else tuple(v) for k, v in (cfg or {}).items()}
+    return synthetic.Difficulty(**fields)
+
+
+def build_synthetic_prompts(n: int, seed: int, exclude: set[str] | None = None, split: str = "train",
+                            difficulty: synthetic.Difficulty = synthetic.Difficulty()) -> pd.DataFrame:
     """Prompt rows of the built-in arithmetic task (the problem as is: a short, character-level prompt)."""
-    return pd.DataFrame(synthetic.to_rows(synthetic.make_problems(n, seed=seed, exclude=exclude), split))
+    return pd.DataFrame(synthetic.to_rows(synthetic.make_problems(n, seed=seed, difficulty=difficulty, exclude=exclude), split))
+
+
+def build_reasoning_gym_prompts(task: str, n: int, seed: int, split: str = "train") -> pd.DataFrame:
+    """Prompt rows from a `reasoning-gym` task generator (offline), in GSM8K format ('#### N' answers)."""
+    import reasoning_gym
+
+    rows = []
+    for i, item in enumerate(reasoning_gym.create_dataset(task, size=n, seed=seed)):
+        rows.append(
+            {
+                "data_source": f"reasoning_gym/{task}",
+                "prompt": [{"role": "user", "content": apply_template(item["question"].strip(), GSM8K_INSTRUCTION)}],
+                "ability": "math",
+                "reward_model": {"style": "rule", "ground_truth": str(item["answer"]).strip()},
+                "extra_info": {"split": split, "index": i, "question": item["question"].strip(), "solution": ""},
+            }
+        )
+    return pd.DataFrame(rows)
 
 
 def build_sft_set(path: str, n: int, seed: int, problem_key: str = "problem", response_key: str = "qwq") -> pd.DataFrame:
@@ -200,7 +225,10 @@ def prepare(cfg: DictConfig) -> Path:
     d = cfg.dataset
     out_dir = Path(cfg.paths.data)
     if d.name == "synthetic":
-        df = build_synthetic_prompts(d.limit, seed=d.get("seed", 0))
+        df = build_synthetic_prompts(d.limit, seed=d.get("seed", 0), difficulty=synthetic_difficulty(d.get("difficulty")))
+        stats = {"rows": len(df), "skipped": 0}
+    elif d.name == "reasoning_gym":
+        df = build_reasoning_gym_prompts(d.task, d.limit, seed=d.get("seed", 0))
         stats = {"rows": len(df), "skipped": 0}
     else:
         df, stats = build_prompts(d.name, d.get("path"), d.get("split"), d.get("limit"), d.get("seed", 0))

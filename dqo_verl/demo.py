@@ -42,12 +42,13 @@ def stage_sft(cfg: DictConfig, base: Path, out: Path, args) -> None:
     import ray
     from transformers import AutoTokenizer
 
-    from data_prep.prompts import chat_prompt
+    from data_prep.prompts import chat_prompt, synthetic_difficulty
     from dqo_verl.sft import run_sft
     from dqo_verl.trainer import init_ray
 
     tokenizer = AutoTokenizer.from_pretrained(base)
-    problems = synthetic.make_problems(args.sft_problems or args.sft_steps * args.sft_batch_size, seed=args.seed + SFT_SEED)
+    problems = synthetic.make_problems(args.sft_problems or args.sft_steps * args.sft_batch_size, seed=args.seed + SFT_SEED,
+                                       difficulty=synthetic_difficulty(cfg.dataset.get("difficulty")))
     sft_set = pd.DataFrame({"prompt": [[{"role": "user", "content": p["question"]}] for p in problems],
                             "response": [p["solution"] for p in problems]})
     write_parquet_atomic(sft_set, Path(cfg.paths.data) / "sft.parquet")  # evaluation keeps these out of its test set
@@ -57,7 +58,8 @@ def stage_sft(cfg: DictConfig, base: Path, out: Path, args) -> None:
             "response_ids": [tokenizer(p["solution"])["input_ids"] + [tokenizer.eos_token_id] for p in problems],
         }
     )
-    role = OmegaConf.merge(cfg.policy, {"model": {"path": str(base)}, "optim": {"lr": args.sft_lr}})
+    role = OmegaConf.merge(cfg.policy, {"model": {"path": str(base)}, "optim": {
+        "lr": args.sft_lr, "lr_warmup_steps": args.sft_steps // 20, "lr_scheduler_type": "cosine", "min_lr_ratio": 0.1}})
     init_ray(cfg)
     losses = run_sft(
         rows, role, cfg.checkpoint, out, steps=args.sft_steps, batch_size=args.sft_batch_size,
@@ -67,14 +69,14 @@ def stage_sft(cfg: DictConfig, base: Path, out: Path, args) -> None:
     print(f"[sft] loss {losses[0]:.3f} -> {losses[-1]:.3f} over {len(losses)} steps")
 
 
-def build_models(cfg: DictConfig, assets: Path, args, stage) -> None:
+def build_models(cfg: DictConfig, assets: Path, args, stage: "Stages") -> None:
     """Stages 1-3: the tiny base model, its SFT warm-up, the value model (what `make tiny-model` runs)."""
     from dqo_verl.tiny_model import build_tiny_policy, build_value_model
 
     base, policy, value = assets / "base", assets / "policy", assets / "value"
-    stage("base model", base, lambda tmp: build_tiny_policy(tmp, seed=args.seed))
-    stage("sft warm-up", policy, lambda tmp: stage_sft(cfg, base, tmp, args))
-    stage("value model", value, lambda tmp: build_value_model(policy, tmp, seed=args.seed))
+    stage("base model", base, lambda tmp: build_tiny_policy(tmp, seed=args.seed), build_folder=True)
+    stage("sft warm-up", policy, lambda tmp: stage_sft(cfg, base, tmp, args), build_folder=True)
+    stage("value model", value, lambda tmp: build_value_model(policy, tmp, seed=args.seed), build_folder=True)
 
 
 def in_process(fn, cfg: DictConfig):
@@ -115,6 +117,50 @@ def value_curves(cfg: DictConfig, out: Path, per_kind: int = 2) -> Path:
     return out
 
 
+class Stages:
+    """Runs named stages once: a stage whose output exists is skipped (reruns reuse finished work)."""
+
+    def __init__(self, tag: str):
+        self.tag = tag
+
+    def __call__(self, name: str, output: Path, fn, build_folder: bool = False) -> None:
+        """Run `fn` unless `output` exists; with build_folder, fn(tmp) fills a folder renamed to output."""
+        if output.exists():
+            print(f"[{self.tag}] {name}: done already ({output})")
+            return
+        start = time.time()
+        print(f"[{self.tag}] {name} ...")
+        if build_folder:
+            tmp = output.with_name(f".{output.name}.tmp")
+            shutil.rmtree(tmp, ignore_errors=True)
+            fn(tmp)
+            os.rename(tmp, output)
+        else:  # the stage writes its output atomically itself
+            fn()
+        print(f"[{self.tag}] {name}: {time.time() - start:.0f}s -> {output}")
+
+
+def run_pipeline(cfg: DictConfig, recipe: str, overrides: list[str], stage: Stages, process_scores: bool = True) -> dict:
+    """Data stages, DQO training (the main job, in its own process), evaluation of base vs DQO;
+    returns the evaluation results."""
+    from data_prep import corpus, process, prompts, score
+    from dqo_verl import evaluate
+
+    data = Path(cfg.paths.data)
+    stage("prompts", data / "prompts.parquet", lambda: in_process(prompts.prepare, cfg))
+    stage("corpus", data / "samples.parquet", lambda: in_process(corpus.run, cfg))
+    stage("score", data / "corpus.parquet", lambda: in_process(score.run, cfg))
+    if process_scores:
+        stage("process scores", data / "corpus_ps.parquet", lambda: in_process(process.run, cfg))
+    command = [sys.executable, "-m", "dqo_verl.main", f"+recipe={recipe}", *overrides]
+    stage("train DQO", Path(cfg.trainer.output_dir) / "export" / "policy",
+          lambda: print(" ".join(command)) or subprocess.run(command, check=True))
+    eval_dir = Path(cfg.evaluate.out_dir)
+    stage("evaluate base and DQO", eval_dir / "summary.json", lambda: in_process(evaluate.run, cfg))
+    print((eval_dir / "table.md").read_text())
+    return json.loads((eval_dir / "summary.json").read_text())["results"]
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--root", default="outputs/tiny_cpu", help="everything goes under this folder")
@@ -123,7 +169,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--sft-problems", type=int, default=None, help="default: steps x batch (each problem seen once)")
     parser.add_argument("--sft-steps", type=int, default=SFT_STEPS)
     parser.add_argument("--sft-batch-size", type=int, default=32)
-    parser.add_argument("--sft-lr", type=float, default=2e-3)
+    parser.add_argument("--sft-lr", type=float, default=3e-3)
     parser.add_argument("--redo", action="store_true", help="rebuild every stage")
     parser.add_argument("overrides", nargs="*", help="extra key=value overrides of the tiny_cpu recipe")
     args = parser.parse_args(argv)
@@ -133,46 +179,16 @@ def main(argv: list[str] | None = None) -> None:
         shutil.rmtree(root, ignore_errors=True)
     overrides = [f"paths.root={root}", f"trainer.seed={args.seed}", *args.overrides]
     cfg = compose_config(RECIPE, overrides)
-    assets, data = Path(cfg.paths.assets), Path(cfg.paths.data)
-    assets.mkdir(parents=True, exist_ok=True)
+    Path(cfg.paths.assets).mkdir(parents=True, exist_ok=True)
     t0 = time.time()
-
-    def stage(name: str, output: Path, fn) -> None:
-        if output.exists():
-            print(f"[demo] {name}: done already ({output})")
-            return
-        start = time.time()
-        print(f"[demo] {name} ...")
-        if output.suffix:  # a file: its stage writes it atomically
-            fn()
-        else:  # a folder: build beside it, then rename
-            tmp = output.with_name(f".{output.name}.tmp")
-            shutil.rmtree(tmp, ignore_errors=True)
-            fn(tmp)
-            os.rename(tmp, output)
-        print(f"[demo] {name}: {time.time() - start:.0f}s -> {output}")
-
-    build_models(cfg, assets, args, stage)
+    stage = Stages("demo")
+    build_models(cfg, Path(cfg.paths.assets), args, stage)
     if args.models_only:
         return
-    from data_prep import corpus, process, prompts, score
-    from dqo_verl import evaluate
-
-    stage("prompts", data / "prompts.parquet", lambda: in_process(prompts.prepare, cfg))
-    stage("corpus", data / "samples.parquet", lambda: in_process(corpus.run, cfg))
-    stage("score", data / "corpus.parquet", lambda: in_process(score.run, cfg))
-    stage("process scores", Path(cfg.data.train_files), lambda: in_process(process.run, cfg))
-    run_dir = Path(cfg.trainer.output_dir)
-    command = [sys.executable, "-m", "dqo_verl.main", f"+recipe={RECIPE}", *overrides]
-    stage("train DQO", run_dir / "export" / "policy", lambda: print(" ".join(command)) or subprocess.run(command, check=True))
-    eval_dir = Path(cfg.evaluate.out_dir)
-    stage("evaluate base and DQO", eval_dir / "summary.json", lambda: in_process(evaluate.run, cfg))
+    summary = run_pipeline(cfg, RECIPE, overrides, stage)
     stage("value curves", root / "value_curves.png", lambda: value_curves(cfg, root / "value_curves.png"))
-
-    summary = json.loads((eval_dir / "summary.json").read_text())["results"]
-    print((eval_dir / "table.md").read_text())
-    print(f"[demo] finished in {time.time() - t0:.0f}s: models {assets}, data {data}, run {run_dir}, evaluation {eval_dir}, "
-          f"value curves {root / 'value_curves.png'}")
+    print(f"[demo] finished in {time.time() - t0:.0f}s: models {cfg.paths.assets}, data {cfg.paths.data}, "
+          f"run {cfg.trainer.output_dir}, evaluation {cfg.evaluate.out_dir}, value curves {root / 'value_curves.png'}")
     base, dqo = summary["base"]["synthetic greedy"], summary["dqo"]["synthetic greedy"]
     print(f"demo: greedy accuracy base={base['accuracy']:.2f} dqo={dqo['accuracy']:.2f} (n={base['n']} test problems)")
 

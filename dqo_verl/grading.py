@@ -1,6 +1,6 @@
 """Outcome grading (paper A.1): extract the final answer of a response and compare it with the truth.
 
-- GSM8K format (GSM8K and the synthetic task): the number after the last `####`, compared by value
+- GSM8K format (GSM8K, the synthetic task, reasoning-gym tasks): the number after the last `####`, compared by value
   (commas, `$`, trailing zeros ignored).
 - MATH / MATH-500 / AIME / NuminaMath: the last `\\boxed{...}`, compared after the Qwen2.5-Math
   grader's string normalisations, then for mathematical equivalence with math-verify (fractions,
@@ -153,7 +153,7 @@ def equivalent(pred: str, truth: str, timeout_seconds: int = TIMEOUT_SECONDS) ->
 def grade(response: str, ground_truth: str, data_source: str) -> dict:
     """{'score': 1.0 or 0.0, 'pred': the extracted answer or None}; never raises."""
     try:
-        if data_source in GSM8K_SOURCES:
+        if data_source in GSM8K_SOURCES or data_source.startswith("reasoning_gym/"):
             pred = extract_gsm8k_answer(response)
             p, t = _number(pred), _number(str(ground_truth))
             return {"score": float(p is not None and t is not None and p == t), "pred": pred}
