@@ -3,7 +3,8 @@
 Stages, all under `--root` (default outputs/tiny_cpu); each writes its output atomically and is
 skipped when the output exists (`--redo` starts over):
   1. base     tiny random Qwen2 + character tokenizer                        assets/base
-  2. sft      warm-up on gold solutions of the synthetic task                 assets/policy
+  2. sft      warm-up on gold solutions of the synthetic task, until greedy    assets/policy
+              accuracy on 200 dev problems reaches --sft-target
   3. value    value model = policy backbone + seeded score head               assets/value
   4. prompts  synthetic prompts (`make prompts`)                              data/prompts.parquet
   5. corpus   N samples per prompt on the rollout worker group (`make corpus`) data/samples.parquet
@@ -35,7 +36,33 @@ from dqo_verl.main import compose_config
 
 RECIPE = "tiny_cpu"
 SFT_SEED = 1000
-SFT_STEPS = 800
+DEV_SEED = 2000
+SFT_STEPS = 1600
+
+
+def greedy_accuracy(model_dir: Path, problems: list[dict], max_new_tokens: int = 128, batch_size: int = 100) -> float:
+    """Greedy accuracy of an HF model on synthetic problems (transformers generate in this process)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from data_prep.prompts import chat_prompt
+    from dqo_verl.grading import grade
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    pad = tokenizer.pad_token_id
+    right = 0.0
+    for i in range(0, len(problems), batch_size):
+        chunk = problems[i : i + batch_size]
+        prompts = [chat_prompt(tokenizer, p["question"]) for p in chunk]
+        width = max(map(len, prompts))
+        ids = torch.tensor([[pad] * (width - len(x)) + x for x in prompts])
+        with torch.no_grad():
+            out = model.generate(ids, attention_mask=(ids != pad).long(), max_new_tokens=max_new_tokens, do_sample=False,
+                                 pad_token_id=pad, eos_token_id=tokenizer.eos_token_id)
+        texts = tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
+        right += sum(grade(t, p["answer"], synthetic.DATA_SOURCE)["score"] for t, p in zip(texts, chunk))
+    return right / len(problems)
 
 
 def stage_sft(cfg: DictConfig, base: Path, out: Path, args) -> None:
@@ -47,23 +74,33 @@ def stage_sft(cfg: DictConfig, base: Path, out: Path, args) -> None:
     from dqo_verl.trainer import init_ray
 
     tokenizer = AutoTokenizer.from_pretrained(base)
+    difficulty = synthetic_difficulty(cfg.dataset.get("difficulty"))
     problems = synthetic.make_problems(args.sft_problems or args.sft_steps * args.sft_batch_size, seed=args.seed + SFT_SEED,
-                                       difficulty=synthetic_difficulty(cfg.dataset.get("difficulty")))
-    sft_set = pd.DataFrame({"prompt": [[{"role": "user", "content": p["question"]}] for p in problems],
-                            "response": [p["solution"] for p in problems]})
-    write_parquet_atomic(sft_set, Path(cfg.paths.data) / "sft.parquet")  # evaluation keeps these out of its test set
+                                       difficulty=difficulty)
+    dev = synthetic.make_problems(args.dev_problems, seed=args.seed + DEV_SEED, difficulty=difficulty)
+    for name, rows in (("sft", problems), ("dev", dev)):  # evaluation keeps these out of its test set
+        write_parquet_atomic(pd.DataFrame({"prompt": [[{"role": "user", "content": p["question"]}] for p in rows],
+                                           "response": [p["solution"] for p in rows]}), Path(cfg.paths.data) / f"{name}.parquet")
     rows = pd.DataFrame(
         {
             "prompt_ids": [chat_prompt(tokenizer, p["question"]) for p in problems],
             "response_ids": [tokenizer(p["solution"])["input_ids"] + [tokenizer.eos_token_id] for p in problems],
         }
     )
+    # constant lr: the warm-up stops while the model is still learning fast, where DQO's extra signal shows most
     role = OmegaConf.merge(cfg.policy, {"model": {"path": str(base)}, "optim": {
-        "lr": args.sft_lr, "lr_warmup_steps": args.sft_steps // 20, "lr_scheduler_type": "cosine", "min_lr_ratio": 0.1}})
+        "lr": args.sft_lr, "lr_warmup_steps": 50, "lr_scheduler_type": "constant"}})
+
+    def in_band(model_dir: Path, step: int) -> bool:
+        accuracy = greedy_accuracy(model_dir, dev)
+        print(f"\n[sft] step {step}: greedy accuracy {accuracy:.3f} on {len(dev)} dev problems (target {args.sft_target})")
+        return accuracy >= args.sft_target
+
     init_ray(cfg)
     losses = run_sft(
         rows, role, cfg.checkpoint, out, steps=args.sft_steps, batch_size=args.sft_batch_size,
         pad_token_id=tokenizer.pad_token_id, nnodes=1, n_gpus_per_node=cfg.trainer.n_gpus_per_node, seed=args.seed,
+        check_every=args.sft_check_every, check_from=args.sft_check_from, done=in_band,
     )
     ray.shutdown()
     print(f"[sft] loss {losses[0]:.3f} -> {losses[-1]:.3f} over {len(losses)} steps")
@@ -169,7 +206,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--sft-problems", type=int, default=None, help="default: steps x batch (each problem seen once)")
     parser.add_argument("--sft-steps", type=int, default=SFT_STEPS)
     parser.add_argument("--sft-batch-size", type=int, default=32)
-    parser.add_argument("--sft-lr", type=float, default=3e-3)
+    parser.add_argument("--sft-lr", type=float, default=2e-3)
+    parser.add_argument("--sft-target", type=float, default=0.35, help="stop the warm-up at this dev greedy accuracy")
+    parser.add_argument("--sft-check-every", type=int, default=100, help="steps between dev checks (0: never)")
+    parser.add_argument("--sft-check-from", type=int, default=800, help="first step to check")
+    parser.add_argument("--dev-problems", type=int, default=200)
     parser.add_argument("--redo", action="store_true", help="rebuild every stage")
     parser.add_argument("overrides", nargs="*", help="extra key=value overrides of the tiny_cpu recipe")
     args = parser.parse_args(argv)

@@ -81,9 +81,9 @@ def table(summary: dict) -> pd.DataFrame:
 
 
 def seen_questions(data_dir: Path) -> set[str]:
-    """Questions of the training prompts and SFT set under `data_dir` (kept out of a synthetic test set)."""
+    """Questions of the training prompts, SFT and dev sets under `data_dir` (kept out of a synthetic test set)."""
     seen = set()
-    for name in ("prompts.parquet", "sft.parquet"):
+    for name in ("prompts.parquet", "sft.parquet", "dev.parquet"):
         if (data_dir / name).exists():
             seen.update(m[0]["content"] for m in pd.read_parquet(data_dir / name, columns=["prompt"])["prompt"])
     return seen

@@ -10,6 +10,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Callable
 
 import pandas as pd
 from omegaconf import DictConfig
@@ -35,9 +36,14 @@ def run_sft(
     nnodes: int = 1,
     n_gpus_per_node: int = 1,
     seed: int = 0,
+    check_every: int | None = None,
+    check_from: int = 0,
+    done: Callable[[Path, int], bool] | None = None,
 ) -> list[float]:
-    """Train `steps` updates of `batch_size` rows (reshuffled each epoch); save the HF model to out_dir.
+    """Train up to `steps` updates of `batch_size` rows (reshuffled each epoch); save the HF model to out_dir.
 
+    With `check_every`, the model is exported every that many steps (from step `check_from`) and
+    `done(hf_dir, step)` decides whether to stop there (e.g. once held-out accuracy reaches a target).
     Returns the loss of each update. `role` is a policy section (model / engine / optim).
     """
     pool = make_resource_pool(nnodes, n_gpus_per_node, name="sft")
@@ -45,6 +51,14 @@ def run_sft(
     spec = BatchSpec(pad_token_id=pad_token_id)
     per_epoch = len(rows) // batch_size
     losses = []
+    out = Path(out_dir)
+    work = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
+
+    def export(step: int) -> Path:
+        shutil.rmtree(work / "ckpt", ignore_errors=True)
+        group.save_checkpoint(local_path=str(work / "ckpt"), global_step=step)
+        return work / "ckpt" / "huggingface"
+
     for step in tqdm(range(steps), desc="SFT", unit="step", dynamic_ncols=True):
         epoch, index = divmod(step, per_epoch)
         batch = build_batch(rows.iloc[epoch_batches(len(rows), batch_size, seed, epoch)[index]], spec)
@@ -58,11 +72,13 @@ def run_sft(
         )
         metrics = reduce_metrics(tu.get(group.train_mini_batch(td).get(), "metrics"))
         losses.append(float(metrics["loss"]))
-    out = Path(out_dir)
-    with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.") as tmp:
-        group.save_checkpoint(local_path=str(Path(tmp) / "ckpt"), global_step=steps)
-        shutil.rmtree(out, ignore_errors=True)
-        os.rename(Path(tmp) / "ckpt" / "huggingface", out)
+        if check_every and (step + 1) % check_every == 0 and check_from <= step + 1 < steps and done(export(step + 1), step + 1):
+            break
+    else:
+        export(steps)
+    shutil.rmtree(out, ignore_errors=True)
+    os.rename(work / "ckpt" / "huggingface", out)
+    shutil.rmtree(work)
     release(group)
     release_pool(pool)
     return losses

