@@ -39,7 +39,7 @@ test-fast: install
 	$(PY) -m pytest -q -m "not slow"
 
 demo: install
-	$(PY) -m dqo_verl.demo
+	$(PY) -m dqo_verl.demo $(ARGS)
 
 # ---- data stages of a recipe (RECIPE=name; extra Hydra overrides in ARGS="key=value ...")
 RECIPE ?= tiny_cpu
