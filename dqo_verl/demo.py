@@ -77,7 +77,8 @@ def stage_sft(cfg: DictConfig, base: Path, out: Path, args) -> None:
     difficulty = synthetic_difficulty(cfg.dataset.get("difficulty"))
     problems = synthetic.make_problems(args.sft_problems or args.sft_steps * args.sft_batch_size, seed=args.seed + SFT_SEED,
                                        difficulty=difficulty)
-    dev = synthetic.make_problems(args.dev_problems, seed=args.seed + DEV_SEED, difficulty=difficulty)
+    dev = synthetic.make_problems(args.dev_problems, seed=args.seed + DEV_SEED, difficulty=difficulty,
+                                  exclude={p["question"] for p in problems})
     for name, rows in (("sft", problems), ("dev", dev)):  # evaluation keeps these out of its test set
         write_parquet_atomic(pd.DataFrame({"prompt": [[{"role": "user", "content": p["question"]}] for p in rows],
                                            "response": [p["solution"] for p in rows]}), Path(cfg.paths.data) / f"{name}.parquet")

@@ -91,14 +91,12 @@ def seen_questions(data_dir: Path) -> set[str]:
 
 def eval_prompts(name: str, spec: DictConfig, seed: int, data_dir: Path) -> pd.DataFrame:
     """The first `limit` problems of an evaluation set (prompt rows, training templates)."""
-    from data_prep.prompts import build_prompts, build_synthetic_prompts, synthetic_difficulty
+    from data_prep.prompts import build_prompts, build_reasoning_gym_prompts, build_synthetic_prompts, synthetic_difficulty
 
     if name == "synthetic":
         df = build_synthetic_prompts(spec.limit, seed=10**6 + seed, exclude=seen_questions(data_dir), split="test",
                                      difficulty=synthetic_difficulty(spec.get("difficulty")))
     elif name == "reasoning_gym":
-        from data_prep.prompts import build_reasoning_gym_prompts
-
         df = build_reasoning_gym_prompts(spec.task, spec.limit, seed=10**6 + seed, split="test")
     else:
         df, _ = build_prompts(spec.get("dataset", name), spec.get("path"), spec.get("split", "test"))

@@ -24,6 +24,8 @@ import pandas as pd
 from tqdm import tqdm
 
 GSM8K_SOURCES = ("openai/gsm8k", "gsm8k", "synthetic_arith")
+# families of generated tasks graded in GSM8K format (data_source = "<family>/<task>")
+GSM8K_SOURCE_FAMILIES = ("reasoning_gym/",)
 BOXED_SOURCES = (
     "math", "DigitalLearningGmbH/MATH-lighteval", "HuggingFaceH4/MATH-500", "math500",
     "AI-MO/NuminaMath-CoT", "numina", "aime24", "di-zhang-fdu/AIME-1983-2024",
@@ -153,7 +155,7 @@ def equivalent(pred: str, truth: str, timeout_seconds: int = TIMEOUT_SECONDS) ->
 def grade(response: str, ground_truth: str, data_source: str) -> dict:
     """{'score': 1.0 or 0.0, 'pred': the extracted answer or None}; never raises."""
     try:
-        if data_source in GSM8K_SOURCES or data_source.startswith("reasoning_gym/"):
+        if data_source in GSM8K_SOURCES or data_source.startswith(GSM8K_SOURCE_FAMILIES):
             pred = extract_gsm8k_answer(response)
             p, t = _number(pred), _number(str(ground_truth))
             return {"score": float(p is not None and t is not None and p == t), "pred": pred}

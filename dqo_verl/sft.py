@@ -52,33 +52,34 @@ def run_sft(
     per_epoch = len(rows) // batch_size
     losses = []
     out = Path(out_dir)
-    work = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
+    with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.") as tmp:
+        ckpt = Path(tmp) / "ckpt"
 
-    def export(step: int) -> Path:
-        shutil.rmtree(work / "ckpt", ignore_errors=True)
-        group.save_checkpoint(local_path=str(work / "ckpt"), global_step=step)
-        return work / "ckpt" / "huggingface"
+        def export(step: int) -> Path:
+            shutil.rmtree(ckpt, ignore_errors=True)
+            group.save_checkpoint(local_path=str(ckpt), global_step=step)
+            return ckpt / "huggingface"
 
-    for step in tqdm(range(steps), desc="SFT", unit="step", dynamic_ncols=True):
-        epoch, index = divmod(step, per_epoch)
-        batch = build_batch(rows.iloc[epoch_batches(len(rows), batch_size, seed, epoch)[index]], spec)
-        td = with_meta(
-            left_right_2_no_padding(batch),
-            mini_batch_size=batch_size,
-            global_batch_size=batch_size,
-            epochs=1,
-            seed=seed + step,
-            dataloader_kwargs={"shuffle": False},
-        )
-        metrics = reduce_metrics(tu.get(group.train_mini_batch(td).get(), "metrics"))
-        losses.append(float(metrics["loss"]))
-        if check_every and (step + 1) % check_every == 0 and check_from <= step + 1 < steps and done(export(step + 1), step + 1):
-            break
-    else:
-        export(steps)
-    shutil.rmtree(out, ignore_errors=True)
-    os.rename(work / "ckpt" / "huggingface", out)
-    shutil.rmtree(work)
+        for step in tqdm(range(steps), desc="SFT", unit="step", dynamic_ncols=True):
+            epoch, index = divmod(step, per_epoch)
+            batch = build_batch(rows.iloc[epoch_batches(len(rows), batch_size, seed, epoch)[index]], spec)
+            td = with_meta(
+                left_right_2_no_padding(batch),
+                mini_batch_size=batch_size,
+                global_batch_size=batch_size,
+                epochs=1,
+                seed=seed + step,
+                dataloader_kwargs={"shuffle": False},
+            )
+            metrics = reduce_metrics(tu.get(group.train_mini_batch(td).get(), "metrics"))
+            losses.append(float(metrics["loss"]))
+            n = step + 1
+            if done and check_every and n % check_every == 0 and check_from <= n < steps and done(export(n), n):
+                break
+        else:
+            export(steps)
+        shutil.rmtree(out, ignore_errors=True)
+        os.rename(ckpt / "huggingface", out)
     release(group)
     release_pool(pool)
     return losses

@@ -31,7 +31,8 @@ def test_short_demo_end_to_end(tmp_path):
     # the warm-up stops at the first dev check that reaches the target (0 here: the first)
     assert "[sft] step 20: greedy accuracy" in out.stdout and "over 20 steps" in out.stdout
     data = root / "data"
-    assert len(pd.read_parquet(data / "dev.parquet")) == 20 and len(pd.read_parquet(data / "sft.parquet")) == 1280
+    questions = {name: {m[0]["content"] for m in pd.read_parquet(data / f"{name}.parquet")["prompt"]} for name in ("dev", "sft")}
+    assert len(questions["dev"]) == 20 and len(questions["sft"]) == 1280 and not questions["dev"] & questions["sft"]
     prompts = pd.read_parquet(data / "prompts.parquet")
     corpus = pd.read_parquet(data / "corpus.parquet")
     assert len(prompts) == 16 and len(corpus) == 16 * 4

