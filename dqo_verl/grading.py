@@ -15,6 +15,7 @@ corpus in a process pool with a progress bar.
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import re
 from concurrent.futures import ProcessPoolExecutor
@@ -167,16 +168,26 @@ def grade(response: str, ground_truth: str, data_source: str) -> dict:
         return {"score": 0.0, "pred": None}
 
 
+# Grading pools start from a fresh server process, never by fork: a forked copy of a driver holding
+# live Ray/gRPC connections corrupts them (the driver then hangs in its next GCS call).
+_POOL_CONTEXT = multiprocessing.get_context("forkserver")
+_POOL_CONTEXT.set_forkserver_preload([__name__])
+
+
 def _grade_rows(rows: list[tuple[str, str, str]]) -> list[dict]:
     return [grade(*row) for row in rows]
 
 
 def grade_many(rows: list[tuple[str, str, str]], workers: int | None = None, chunk: int = 64, desc: str = "grading") -> list[dict]:
-    """`grade(*row)` for every (response, ground_truth, data_source), in a process pool, in order."""
+    """`grade(*row)` for every (response, ground_truth, data_source), in a process pool, in order.
+
+    The pool does not fork the caller (see `_POOL_CONTEXT`), so a script calling this must, as with
+    any spawned pool, keep its top-level code under `if __name__ == "__main__":`.
+    """
     parts = [rows[i : i + chunk] for i in range(0, len(rows), chunk)]
     workers = workers or max(1, min(len(parts), os.cpu_count() or 1))
     results: list[dict] = []
-    with ProcessPoolExecutor(max_workers=workers) as pool, tqdm(total=len(rows), desc=desc, unit="resp", leave=False) as bar:
+    with ProcessPoolExecutor(max_workers=workers, mp_context=_POOL_CONTEXT) as pool, tqdm(total=len(rows), desc=desc, unit="resp", leave=False) as bar:
         for out in pool.map(_grade_rows, parts):
             results.extend(out)
             bar.update(len(out))

@@ -1,11 +1,12 @@
 """Outcome grading: GSM8K numbers, MATH-style boxed answers with math-verify, adversarial inputs."""
 
+import os
 import time
 
 import pandas as pd
 import pytest
 
-from dqo_verl.grading import extract_gsm8k_answer, grade, last_boxed, normalize_answer, score_corpus
+from dqo_verl.grading import extract_gsm8k_answer, grade, grade_many, last_boxed, normalize_answer, score_corpus
 
 MATH = "DigitalLearningGmbH/MATH-lighteval"
 
@@ -124,3 +125,12 @@ def test_score_corpus_in_a_process_pool():
     assert scored["score"].tolist() == [1.0, 1.0, 0.0, 1.0] * 20
     assert scored["pred"].tolist()[:4] == [r"\frac12", "7", "3", "1000"]
     assert "score" not in df.columns
+
+
+def test_grading_pool_never_forks_the_caller(monkeypatch):
+    """A forked copy of a Ray driver corrupts its gRPC connections (the demo hung in its next GCS call)."""
+    def no_fork():
+        raise AssertionError("grade_many forked the calling process")
+
+    monkeypatch.setattr(os, "fork", no_fork)
+    assert [r["score"] for r in grade_many([("#### 7", "7", "gsm8k"), ("#### 8", "7", "gsm8k")] * 40, workers=2, chunk=16)] == [1.0, 0.0] * 40
