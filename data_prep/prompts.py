@@ -13,10 +13,10 @@ import random
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Mapping
 
 import pandas as pd
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from dqo_verl import synthetic
 from dqo_verl.data import write_parquet_atomic
@@ -177,22 +177,37 @@ def build_synthetic_prompts(n: int, seed: int, exclude: set[str] | None = None, 
     return pd.DataFrame(synthetic.to_rows(synthetic.make_problems(n, seed=seed, difficulty=difficulty, exclude=exclude), split))
 
 
-def build_reasoning_gym_prompts(task: str, n: int, seed: int, split: str = "train") -> pd.DataFrame:
-    """Prompt rows from a `reasoning-gym` task generator (offline), in GSM8K format ('#### N' answers)."""
+def build_reasoning_gym_prompts(task: str, n: int, seed: int, split: str = "train", config: Mapping | None = None,
+                                exclude: set[str] | None = None) -> pd.DataFrame:
+    """`n` prompt rows from a `reasoning-gym` task generator (offline), in GSM8K format ('#### N' answers).
+
+    `config` holds the generator's own options (e.g. basic_arithmetic's max_terms, max_digits);
+    repeated questions and those whose prompt text is in `exclude` are skipped.
+    """
     import reasoning_gym
 
+    options = OmegaConf.to_container(config) if isinstance(config, DictConfig) else dict(config or {})
+    seen = set(exclude or ())
     rows = []
-    for i, item in enumerate(reasoning_gym.create_dataset(task, size=n, seed=seed)):
+    for item in reasoning_gym.create_dataset(task, size=2 * n + len(seen), seed=seed, **options):
+        question = item["question"].strip()
+        content = apply_template(question, GSM8K_INSTRUCTION)
+        if content in seen:
+            continue
+        seen.add(content)
         rows.append(
             {
                 "data_source": f"reasoning_gym/{task}",
-                "prompt": [{"role": "user", "content": apply_template(item["question"].strip(), GSM8K_INSTRUCTION)}],
+                "prompt": [{"role": "user", "content": content}],
                 "ability": "math",
                 "reward_model": {"style": "rule", "ground_truth": str(item["answer"]).strip()},
-                "extra_info": {"split": split, "index": i, "question": item["question"].strip(), "solution": ""},
+                "extra_info": {"split": split, "index": len(rows), "question": question, "solution": ""},
             }
         )
-    return pd.DataFrame(rows)
+        if len(rows) == n:
+            return pd.DataFrame(rows)
+    raise ValueError(f"reasoning-gym {task} with {options} gave only {len(rows)} distinct new problems of the {n} asked: "
+                     "widen its config or ask for fewer")
 
 
 def build_sft_set(path: str, n: int, seed: int, problem_key: str = "problem", response_key: str = "qwq") -> pd.DataFrame:
@@ -228,7 +243,7 @@ def prepare(cfg: DictConfig) -> Path:
         df = build_synthetic_prompts(d.limit, seed=d.get("seed", 0), difficulty=synthetic_difficulty(d.get("difficulty")))
         stats = {"rows": len(df), "skipped": 0}
     elif d.name == "reasoning_gym":
-        df = build_reasoning_gym_prompts(d.task, d.limit, seed=d.get("seed", 0))
+        df = build_reasoning_gym_prompts(d.task, d.limit, seed=d.get("seed", 0), config=d.get("config"))
         stats = {"rows": len(df), "skipped": 0}
     else:
         df, stats = build_prompts(d.name, d.get("path"), d.get("split"), d.get("limit"), d.get("seed", 0))

