@@ -15,10 +15,12 @@ corpus in a process pool with a progress bar.
 
 from __future__ import annotations
 
+import functools
 import multiprocessing
 import os
 import re
 from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from decimal import Decimal, InvalidOperation
 
 import pandas as pd
@@ -185,6 +187,12 @@ _POOL_CONTEXT = multiprocessing.get_context("forkserver")
 _POOL_CONTEXT.set_forkserver_preload([__name__])
 
 
+@functools.cache
+def _pool(workers: int) -> ProcessPoolExecutor:
+    """One grading pool per size, kept for later calls: each new worker re-imports the caller's main module."""
+    return ProcessPoolExecutor(max_workers=workers, mp_context=_POOL_CONTEXT)
+
+
 def _grade_rows(rows: list[tuple[str, str, str]]) -> list[dict]:
     return [grade(*row) for row in rows]
 
@@ -196,12 +204,16 @@ def grade_many(rows: list[tuple[str, str, str]], workers: int | None = None, chu
     any spawned pool, keep its top-level code under `if __name__ == "__main__":`.
     """
     parts = [rows[i : i + chunk] for i in range(0, len(rows), chunk)]
-    workers = workers or max(1, min(len(parts), os.cpu_count() or 1))
+    pool = _pool(workers or os.cpu_count() or 1)
     results: list[dict] = []
-    with ProcessPoolExecutor(max_workers=workers, mp_context=_POOL_CONTEXT) as pool, tqdm(total=len(rows), desc=desc, unit="resp", leave=False) as bar:
-        for out in pool.map(_grade_rows, parts):
-            results.extend(out)
-            bar.update(len(out))
+    try:
+        with tqdm(total=len(rows), desc=desc, unit="resp", leave=False) as bar:
+            for out in pool.map(_grade_rows, parts):
+                results.extend(out)
+                bar.update(len(out))
+    except BrokenProcessPool:
+        _pool.cache_clear()  # a worker died: the next call starts a fresh pool
+        raise
     return results
 
 

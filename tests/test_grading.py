@@ -6,6 +6,7 @@ import time
 import pandas as pd
 import pytest
 
+from dqo_verl import grading
 from dqo_verl.grading import extract_gsm8k_answer, grade, grade_many, last_boxed, normalize_answer, score_corpus
 
 MATH = "DigitalLearningGmbH/MATH-lighteval"
@@ -132,6 +133,7 @@ def test_grading_pool_never_forks_the_caller(monkeypatch):
     def no_fork():
         raise AssertionError("grade_many forked the calling process")
 
+    grading._pool.cache_clear()  # a fresh pool is started under the patch
     monkeypatch.setattr(os, "fork", no_fork)
     assert [r["score"] for r in grade_many([("#### 7", "7", "gsm8k"), ("#### 8", "7", "gsm8k")] * 40, workers=2, chunk=16)] == [1.0, 0.0] * 40
 
