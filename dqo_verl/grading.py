@@ -167,9 +167,10 @@ def equivalent(pred: str, truth: str, timeout_seconds: int = TIMEOUT_SECONDS) ->
 def grade(response: str, ground_truth: str, data_source: str) -> dict:
     """{'score': 1.0 or 0.0, 'pred': the extracted answer or None}; never raises."""
     try:
-        if data_source in GSM8K_SOURCES or data_source.startswith(GSM8K_SOURCE_FAMILIES):
+        generated = data_source.startswith(GSM8K_SOURCE_FAMILIES)
+        if generated or data_source in GSM8K_SOURCES:
             pred = extract_gsm8k_answer(response)
-            if pred is None and data_source.startswith(GSM8K_SOURCE_FAMILIES):
+            if pred is None and generated:
                 pred = last_number(response)
             p, t = _number(pred), _number(str(ground_truth))
             return {"score": float(p is not None and t is not None and p == t), "pred": pred}
@@ -212,6 +213,7 @@ def grade_many(rows: list[tuple[str, str, str]], workers: int | None = None, chu
                 results.extend(out)
                 bar.update(len(out))
     except BrokenProcessPool:
+        pool.shutdown(wait=False)
         _pool.cache_clear()  # a worker died: the next call starts a fresh pool
         raise
     return results

@@ -145,3 +145,17 @@ def test_generated_tasks_fall_back_to_the_last_number_but_gsm8k_does_not():
     assert grade("#### 7 (not 8)", "8", rg) == {"score": 0.0, "pred": "7"}  # a '####' line still decides
     assert grade("I cannot tell.", "8", rg) == {"score": 0.0, "pred": None}
     assert grade("The final answer is 8.", "8", "openai/gsm8k") == {"score": 0.0, "pred": None}
+
+
+def test_a_dead_grading_worker_fails_that_call_and_the_next_starts_afresh():
+    import signal
+
+    from concurrent.futures.process import BrokenProcessPool
+
+    rows = [("#### 7", "7", "gsm8k")] * 8
+    assert len(grade_many(rows, workers=2, chunk=4)) == 8
+    for pid in list(grading._pool(2)._processes):  # the kept pool's workers
+        os.kill(pid, signal.SIGKILL)
+    with pytest.raises(BrokenProcessPool):
+        grade_many(rows, workers=2, chunk=4)
+    assert [r["score"] for r in grade_many(rows, workers=2, chunk=4)] == [1.0] * 8
