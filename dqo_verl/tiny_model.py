@@ -103,17 +103,21 @@ def build_tiny_policy(out_dir: str | os.PathLike, seed: int = 0, **config_kwargs
     return out
 
 
-def build_value_model(policy_dir: str | os.PathLike, out_dir: str | os.PathLike, seed: int = 0) -> Path:
+def build_value_model(policy_dir: str | os.PathLike, out_dir: str | os.PathLike, seed: int = 0,
+                      head_std: float | None = None) -> Path:
     """Value model = the policy's backbone + a 1-unit score head initialised by `seed`, saved.
 
-    Works for any causal-LM checkpoint with a `...ForTokenClassification` class in transformers.
+    The head's weights are N(0, head_std^2), head_std defaulting to the config's initializer_range;
+    head_std=0 starts V at exactly 0 (for pretrained backbones, whose large hidden states make a
+    random head start V far from any return). Works for any causal-LM checkpoint with a
+    `...ForTokenClassification` class in transformers.
     """
     out = Path(out_dir)
     config = AutoConfig.from_pretrained(policy_dir, num_labels=1)
     config.classifier_dropout = 0.0
     model = AutoModelForTokenClassification.from_pretrained(policy_dir, config=config, torch_dtype=torch.float32)
     generator = torch.Generator().manual_seed(seed)
-    std = getattr(model.config, "initializer_range", 0.02)
+    std = getattr(model.config, "initializer_range", 0.02) if head_std is None else head_std
     with torch.no_grad():
         model.score.weight.copy_(torch.randn(model.score.weight.shape, generator=generator) * std)
         if model.score.bias is not None:

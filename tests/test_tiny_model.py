@@ -66,3 +66,12 @@ def test_value_model_has_its_seeded_score_head_saved(tiny_models, tmp_path):
     v1 = model(ids).logits
     v2 = AutoModelForTokenClassification.from_pretrained(value)(ids).logits
     assert v1.shape == (1, 4, 1) and torch.equal(v1, v2)
+
+
+def test_a_zero_value_head_starts_v_at_zero(tiny_models, tmp_path):
+    policy, value = tiny_models
+    zero = AutoModelForTokenClassification.from_pretrained(build_value_model(policy, tmp_path / "v0", head_std=0.0))
+    seeded = AutoModelForTokenClassification.from_pretrained(value)
+    ids = torch.tensor([[1, 40, 41, 42]])
+    assert torch.count_nonzero(zero(ids).logits) == 0 and torch.count_nonzero(seeded(ids).logits) > 0
+    assert torch.equal(zero.model.embed_tokens.weight, seeded.model.embed_tokens.weight)
