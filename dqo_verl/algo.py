@@ -1,10 +1,9 @@
-"""DQO maths: the pure functions of DESIGN §2.
+"""DQO maths: the pure functions of the maths contract in docs/design.md.
 
-Direct Q-function Optimization (Ji, Liu, Dai et al.) treats generation as a token-level MDP with
-the soft Q-function parameterised by the policy, Q(s, a) = beta * log pi(a|s) / pi_ref(a|s) + V(s)
-(eq. 3.3, with the KL to pi_ref folded into the reward). A value model V_phi and the policy are
-trained on a fixed corpus with the soft Bellman residual (eq. 4.3), lambda-returns as targets
-(§4.2) and per-trajectory importance weights (§4.3).
+Direct Q-function Optimization (Ji, Liu, Dai et al.) treats generation as a token-level MDP with the
+soft Q-function parameterised by the policy, Q(s, a) = beta * log pi(a|s) / pi_ref(a|s) + V(s)
+(eq. 4.4). A value model V_phi is regressed on soft Bellman targets (eq. 4.3; with lambda-returns and
+importance weights, eq. 4.6), and the policy's Q on the same targets (eq. 4.5; eq. 4.7).
 
 Conventions: tensors are [B, T] over response positions t = 0..T-1; `response_mask` is 1 on real
 response tokens. `values[b, t]` = V(s_t), the value of the state *before* response token t.
@@ -18,6 +17,7 @@ the action mask is `action_mask(action_ends)`.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -110,9 +110,9 @@ def compute_lambda_returns(
     beta: float,
     lam: float,
 ) -> torch.Tensor:
-    """lambda-returns of the KL-regularised reward, [B, T], detached.
+    """lambda-returns of the KL-regularised reward, [B, T], detached (the targets of eq. 4.6 and 4.7).
 
-    delta_t = r_t - beta * log(pi/pi_ref)_t                         (soft reward, eq. 3.3)
+    delta_t = r_t - beta * log(pi/pi_ref)_t                          (the soft reward)
     G_t = delta_t + (1 - lam) * V_{t+1} + lam * G_{t+1},  G = V = 0 after the last real token.
     lam = 1: Monte-Carlo soft return; lam = 0: one-step target of eq. 4.3. This is the normalised
     lambda-return (weights sum to 1); the paper's displayed sum omits the tail weight lam^(H-h).
@@ -131,7 +131,7 @@ def compute_lambda_returns(
 
 
 def compute_is_weights(log_ratio: torch.Tensor, response_mask: torch.Tensor, log_clip: float = 1.0) -> torch.Tensor:
-    """Per-trajectory importance weights [B], detached: w_b = min(pi(y|x) / pi_ref(y|x), e^log_clip) (§4.3)."""
+    """Per-trajectory importance weights [B], detached: w_b = min(pi(y|x) / pi_ref(y|x), e^log_clip) (eq. 4.6, 4.7)."""
     seq_log_ratio = _masked(log_ratio.detach(), response_mask).sum(dim=1)
     return torch.exp(seq_log_ratio.clamp(max=log_clip))
 
@@ -154,7 +154,7 @@ def dqo_value_loss(
     response_mask: torch.Tensor,
     normalizer: Optional[float] = None,
 ) -> tuple[torch.Tensor, dict]:
-    """L_V = sum_{b,t} m * w_b * (G_bt - V_phi(s_bt))^2 / sum m; gradient only through `values`.
+    """L_V = sum_{b,t} m * w_b * (G_bt - V_phi(s_bt))^2 / sum m (eq. 4.3, 4.6); gradient only through `values`.
 
     `normalizer` replaces `sum m` (a global count when the batch is split across ranks/micro-batches).
     """
@@ -181,7 +181,7 @@ def dqo_policy_loss(
     beta: float,
     normalizer: Optional[float] = None,
 ) -> tuple[torch.Tensor, dict]:
-    """L_pi = sum m * w_b * (Vbar_t + beta * log_ratio_t - r_t - G_{t+1})^2 / sum m  (eq. 4.3 with lambda-returns).
+    """L_pi = sum m * w_b * (Vbar_t + beta * log_ratio_t - r_t - G_{t+1})^2 / sum m  (eq. 4.5, 4.7).
 
     Q_theta(s_t, a_t) = beta * log_ratio_t + Vbar(s_t) is regressed on r_t + G_{t+1}; gradient only
     through `log_ratio` (Vbar, rewards, returns, weights detached); G_{T_b} = 0.
@@ -199,3 +199,48 @@ def dqo_policy_loss(
         "q_mean": q.detach().sum() / n,
     }
     return loss, metrics
+
+
+# ----------------------------------------------------------------------------------------------
+# One update's targets
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class DQOTargets:
+    """What the losses of one DQO update need, per action (action k in column k), all detached."""
+
+    log_ratio: torch.Tensor  # log(pi/pi_ref) summed over each action
+    rewards: torch.Tensor  # rewards summed over each action
+    values: torch.Tensor  # V at each action's first state
+    mask: torch.Tensor  # 1 on the first n_b columns of row b
+    returns: torch.Tensor  # lambda-returns G
+    weights: torch.Tensor  # importance weights [B]
+
+
+def dqo_targets(
+    log_ratio: torch.Tensor,
+    values: torch.Tensor,
+    rewards: torch.Tensor,
+    action_ends: torch.Tensor,
+    beta: float,
+    lam: float,
+    is_log_clip: float = 1.0,
+) -> DQOTargets:
+    """Targets of one update from per-token log-ratios, values and rewards ([B, T], zero outside the response).
+
+    Collapses tokens into actions (`action_ends`, see `compute_action_ends`), then computes the
+    lambda-returns (eq. 4.6, 4.7) and the importance weights of each trajectory.
+    """
+    a_log_ratio = collapse_to_actions(log_ratio.detach(), action_ends)
+    a_rewards = collapse_to_actions(rewards.detach(), action_ends)
+    a_values = values_at_action_starts(values.detach(), action_ends)
+    mask = action_mask(action_ends)
+    return DQOTargets(
+        log_ratio=a_log_ratio,
+        rewards=a_rewards,
+        values=a_values,
+        mask=mask,
+        returns=compute_lambda_returns(a_rewards, a_log_ratio, a_values, mask, beta, lam),
+        weights=compute_is_weights(a_log_ratio, mask, is_log_clip),
+    )

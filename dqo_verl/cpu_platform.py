@@ -3,7 +3,7 @@
 verl 0.9.1 has no CPU platform. This module registers one through verl's own plugin points
 (`PlatformRegistry`, `EngineRegistry`); it is loaded in every process that imports verl, through
 the `verl.plugins` entry point of this package, and by `VERL_USE_EXTERNAL_MODULES` in the Ray
-runtime env (see `dqo_verl.trainer`). verl probes its built-in CUDA/NPU/ROCm platforms first
+runtime env (see `dqo_verl.workers`). verl probes its built-in CUDA/NPU/ROCm platforms first
 (nvidia-smi included), so a machine with an accelerator never selects this one and keeps verl's
 own CUDA path untouched.
 """
@@ -19,7 +19,7 @@ from typing import Any, Optional
 import psutil
 import torch
 
-from verl.plugin.platform import PlatformBase, PlatformRegistry
+from verl.plugin.platform import PlatformBase, PlatformRegistry, get_platform
 
 
 def _make_cpu_device_module() -> types.ModuleType:
@@ -143,57 +143,53 @@ class PlatformCPU(PlatformBase):
         return None
 
 
-def _register_cpu_engines() -> None:
-    """FSDP engines for device `cpu`: verl's own classes, plus a value engine that loads on CPU."""
-    with warnings.catch_warnings():  # verl warns about every optional engine (megatron, ...) it lacks
-        warnings.simplefilter("ignore", UserWarning)
-        from verl.workers.engine import EngineRegistry
-        from verl.workers.engine.fsdp.transformer_impl import FSDPEngineWithLMHead, FSDPEngineWithValueHead
+# verl's engines read the device name when they are imported: only now, with the platform registered
+with warnings.catch_warnings():  # verl warns about every optional engine (megatron, ...) it lacks
+    warnings.simplefilter("ignore", UserWarning)
+    from verl.workers.engine import EngineRegistry  # noqa: E402
+    from verl.workers.engine.fsdp.transformer_impl import FSDPEngineWithLMHead, FSDPEngineWithValueHead  # noqa: E402
 
-    registered = EngineRegistry._engines.get("language_model", {}).get("fsdp2", {})
-    if "cpu" in registered:
-        return
 
-    class HostMemoryMixin:
-        """verl gives forward-only (reference) engines a pinned-memory CPU offload policy; a CPU-only
-        torch cannot pin memory, and parameters already live in host memory: build them as usual."""
+class HostMemoryMixin:
+    """verl gives forward-only (reference) engines a pinned-memory CPU offload policy; a CPU-only
+    torch cannot pin memory, and parameters already live in host memory: build them as usual."""
 
-        def _build_fsdp_module(self, module):
-            forward_only = self.engine_config.forward_only
-            self.engine_config.forward_only = False
-            try:
-                return super()._build_fsdp_module(module)
-            finally:
-                self.engine_config.forward_only = forward_only
+    def _build_fsdp_module(self, module):
+        forward_only = self.engine_config.forward_only
+        self.engine_config.forward_only = False
+        try:
+            return super()._build_fsdp_module(module)
+        finally:
+            self.engine_config.forward_only = forward_only
 
-    @EngineRegistry.register(model_type="language_model", backend=["fsdp", "fsdp2"], device="cpu")
-    class CPUFSDPEngineWithLMHead(HostMemoryMixin, FSDPEngineWithLMHead):
-        """verl's FSDP language-model engine on host memory."""
 
-    @EngineRegistry.register(model_type="value_model", backend=["fsdp", "fsdp2"], device="cpu")
-    class CPUFSDPEngineWithValueHead(HostMemoryMixin, FSDPEngineWithValueHead):
-        """verl's value loader hard-codes `flash_attention_2` (absent on CPU). Load the value model
-        through the checkpoint's `...ForTokenClassification` auto class instead, with the
-        configured attention (`override_config.attn_implementation`), same settings as verl's."""
+class CPUFSDPEngineWithLMHead(HostMemoryMixin, FSDPEngineWithLMHead):
+    """verl's FSDP language-model engine on host memory."""
 
-        def _build_module(self):
-            hf_config = self.model_config.hf_config
-            hf_config.num_labels = 1
-            hf_config.classifier_dropout = 0.0
-            hf_config.architectures = [re.sub(r"For\w+$", "ForTokenClassification", hf_config.architectures[0])]
-            self.model_config.model_type = "language_model"
-            try:
-                return super()._build_module()
-            finally:
-                self.model_config.model_type = "value_model"
+
+class CPUFSDPEngineWithValueHead(HostMemoryMixin, FSDPEngineWithValueHead):
+    """verl's value loader hard-codes `flash_attention_2` (absent on CPU). Load the value model
+    through the checkpoint's `...ForTokenClassification` auto class instead, with the
+    configured attention (`override_config.attn_implementation`), same settings as verl's."""
+
+    def _build_module(self):
+        hf_config = self.model_config.hf_config
+        hf_config.num_labels = 1
+        hf_config.classifier_dropout = 0.0
+        hf_config.architectures = [re.sub(r"For\w+$", "ForTokenClassification", hf_config.architectures[0])]
+        self.model_config.model_type = "language_model"
+        try:
+            return super()._build_module()
+        finally:
+            self.model_config.model_type = "value_model"
 
 
 def cpu_platform_active() -> bool:
     """True when this process runs verl on the CPU platform."""
-    from verl.plugin.platform import get_platform
-
     return get_platform().device_name == "cpu"
 
 
-if cpu_platform_active():
-    _register_cpu_engines()
+# the FSDP engines for device `cpu` (looked up only on the CPU platform; a GPU machine never sees them)
+if "cpu" not in EngineRegistry._engines.get("language_model", {}).get("fsdp2", {}):
+    EngineRegistry.register(model_type="language_model", backend=["fsdp", "fsdp2"], device="cpu")(CPUFSDPEngineWithLMHead)
+    EngineRegistry.register(model_type="value_model", backend=["fsdp", "fsdp2"], device="cpu")(CPUFSDPEngineWithValueHead)

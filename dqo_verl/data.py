@@ -1,6 +1,6 @@
 """The offline corpus: read, check and batch it in verl's left/right-padded layout.
 
-One parquet row per (prompt, response) (DESIGN §3). The trainer needs `prompt_ids`,
+One parquet row per (prompt, response) (docs/design.md, "Data"). The trainer needs `prompt_ids`,
 `response_ids` (token id lists) and `score` (outcome reward); `segment_ends` (response token
 indices where a step ends), `process_rewards` (one per segment end) and `ref_logprobs` (one per
 response token) are optional.
@@ -8,7 +8,7 @@ response token) are optional.
 
 from __future__ import annotations
 
-import math
+import json
 import os
 import tempfile
 from dataclasses import dataclass
@@ -24,12 +24,13 @@ from tensordict import TensorDict
 from verl.utils import tensordict_utils as tu
 
 from dqo_verl import algo
+from dqo_verl.cli import InputError
 
 REQUIRED_COLUMNS = ("prompt_ids", "response_ids", "score")
 LIST_COLUMNS = ("prompt_ids", "response_ids", "segment_ends", "process_rewards", "ref_logprobs")
 
 
-class CorpusError(ValueError):
+class CorpusError(InputError):
     """Bad corpus input: names the file, the row and the field."""
 
     def __init__(self, path, row, field: str, problem: str):
@@ -48,45 +49,79 @@ def read_corpus(path: str | os.PathLike) -> pd.DataFrame:
         raise CorpusError(path, None, "data.train_files", f"not a readable parquet file ({exc})") from exc
 
 
-def validate_corpus(df: pd.DataFrame, path) -> None:
-    """Check columns, types and values before any worker starts; the first problem raises CorpusError."""
-    for column in REQUIRED_COLUMNS:
+def _first(bad: np.ndarray) -> int | None:
+    """Index of the first True, or None."""
+    hits = np.flatnonzero(bad)
+    return int(hits[0]) if len(hits) else None
+
+
+def _is_list(values: pd.Series) -> np.ndarray:
+    return values.map(lambda v: isinstance(v, (list, tuple, np.ndarray))).to_numpy(dtype=bool)
+
+
+def _flat(values: pd.Series) -> tuple[np.ndarray, np.ndarray]:
+    """All entries of a column of lists, concatenated, and the row of each entry."""
+    lengths = values.map(len).to_numpy()
+    flat = np.concatenate([np.asarray(v) for v in values]) if lengths.sum() else np.zeros(0)
+    return flat, np.repeat(np.arange(len(values)), lengths)
+
+
+def validate_corpus(
+    df: pd.DataFrame, path, required: tuple[str, ...] = REQUIRED_COLUMNS, vocab_size: int | None = None
+) -> None:
+    """Check columns, types and values before any worker starts; the first problem raises CorpusError.
+
+    Token ids must lie in [0, vocab_size) when `vocab_size` is given (the model's embedding rows): an id
+    outside it would fail inside a worker, mid-run.
+    """
+    for column in required:
         if column not in df.columns:
             raise CorpusError(path, None, column, f"missing column (have: {', '.join(df.columns)})")
     if len(df) == 0:
         raise CorpusError(path, None, "response_ids", "the corpus has no rows")
-    has = {c: c in df.columns for c in LIST_COLUMNS}
-    for row, rec in enumerate(df.itertuples(index=False)):
+    present = [c for c in LIST_COLUMNS if c in df.columns]
+    for column in present:  # None is allowed in optional columns: that row has none
+        values = df[column]
+        optional = values.isna().to_numpy() if column not in ("prompt_ids", "response_ids") else np.zeros(len(df), bool)
+        if (row := _first(~_is_list(values) & ~optional)) is not None:
+            raise CorpusError(path, row, column, f"expected a list, got {type(values.iloc[row]).__name__}")
+    lengths = {}
+    for column in ("prompt_ids", "response_ids"):
+        lengths[column] = df[column].map(len).to_numpy()
+        if (row := _first(lengths[column] == 0)) is not None:
+            raise CorpusError(path, row, column, "empty token list")
+        ids, row_of = _flat(df[column])
+        if not np.issubdtype(ids.dtype, np.integer):
+            row = next(i for i, v in enumerate(df[column]) if not np.issubdtype(np.asarray(v).dtype, np.integer))
+            raise CorpusError(path, row, column, "token ids must be integers")
+        out_of_range = (ids < 0) | (ids >= vocab_size) if vocab_size is not None else ids < 0
+        if (i := _first(out_of_range)) is not None:
+            limit = f"[0, {vocab_size})" if vocab_size is not None else "[0, vocab size)"
+            raise CorpusError(path, int(row_of[i]), column, f"token id {int(ids[i])} outside the vocabulary {limit}")
+    if "score" in df.columns:
+        scores = df["score"]
+        numeric = scores.map(lambda s: isinstance(s, (int, float, np.integer, np.floating)) and not isinstance(s, bool))
+        if (row := _first(~numeric.to_numpy(dtype=bool))) is not None:
+            raise CorpusError(path, row, "score", f"expected a number, got {type(scores.iloc[row]).__name__}")
+        values = scores.to_numpy(dtype=np.float64)
+        if (row := _first(~np.isfinite(values))) is not None:
+            raise CorpusError(path, row, "score", f"reward is {values[row]}")
+    n = lengths["response_ids"]
+    for row, rec in enumerate(df[[c for c in ("segment_ends", "process_rewards", "ref_logprobs") if c in df]].itertuples(index=False)):
         rec = rec._asdict()
-        for column in LIST_COLUMNS:
-            if has[column] and rec[column] is not None:
-                if not isinstance(rec[column], (list, tuple, np.ndarray)):
-                    raise CorpusError(path, row, column, f"expected a list, got {type(rec[column]).__name__}")
-        for column in ("prompt_ids", "response_ids"):
-            ids = rec[column]
-            if ids is None or len(ids) == 0:
-                raise CorpusError(path, row, column, "empty token list")
-            if not np.issubdtype(np.asarray(ids).dtype, np.integer):
-                raise CorpusError(path, row, column, "token ids must be integers")
-        score = rec["score"]
-        if not isinstance(score, (int, float, np.integer, np.floating)) or isinstance(score, bool):
-            raise CorpusError(path, row, "score", f"expected a number, got {type(score).__name__}")
-        if not math.isfinite(score):
-            raise CorpusError(path, row, "score", f"reward is {score}")
-        n = len(rec["response_ids"])
-        ends = rec.get("segment_ends") if has["segment_ends"] else None
-        if ends is not None and len(ends) and (min(ends) < 0 or max(ends) >= n):
-            raise CorpusError(path, row, "segment_ends", f"index outside the response (length {n}): {list(ends)}")
-        rewards = rec.get("process_rewards") if has["process_rewards"] else None
+        ends = rec.get("segment_ends")
+        if ends is not None and len(ends) and (min(ends) < 0 or max(ends) >= n[row]):
+            raise CorpusError(path, row, "segment_ends", f"index outside the response (length {n[row]}): {list(ends)}")
+        rewards = rec.get("process_rewards")
         if rewards is not None:
             if ends is None or len(rewards) != len(ends):
                 raise CorpusError(path, row, "process_rewards", "needs one reward per segment_ends entry")
-            if not all(math.isfinite(float(r)) for r in rewards):
+            if not np.isfinite(np.asarray(rewards, dtype=np.float64)).all():
                 raise CorpusError(path, row, "process_rewards", f"non-finite reward in {list(rewards)}")
-        logps = rec.get("ref_logprobs") if has["ref_logprobs"] else None
+        logps = rec.get("ref_logprobs")
         if logps is not None:
-            if len(logps) != n:
-                raise CorpusError(path, row, "ref_logprobs", f"{len(logps)} values for {n} response tokens")
+            if len(logps) != n[row]:
+                raise CorpusError(path, row, "ref_logprobs", f"{len(logps)} values for {n[row]} response tokens")
             if not np.isfinite(np.asarray(logps, dtype=np.float64)).all():
                 raise CorpusError(path, row, "ref_logprobs", "non-finite log-probability")
 
@@ -112,7 +147,8 @@ def apply_length_limits(
         df = df.copy()
         for idx in df.index[response_long]:
             df.at[idx, "response_ids"] = list(df.at[idx, "response_ids"][:max_response_length])
-            df.at[idx, "score"] = 0.0
+            if "score" in df.columns:
+                df.at[idx, "score"] = 0.0
             if "ref_logprobs" in df.columns and df.at[idx, "ref_logprobs"] is not None:
                 df.at[idx, "ref_logprobs"] = list(df.at[idx, "ref_logprobs"][:max_response_length])
             if "segment_ends" in df.columns and df.at[idx, "segment_ends"] is not None:
@@ -138,6 +174,15 @@ def write_parquet_atomic(df: pd.DataFrame, path: str | os.PathLike, metadata: di
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def write_json_atomic(path: str | os.PathLike, obj) -> None:
+    """Write `obj` as indented JSON to a temp file in the same folder, then rename over `path`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    os.replace(tmp, path)
 
 
 def parquet_metadata(path: str | os.PathLike) -> dict:

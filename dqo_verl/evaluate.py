@@ -1,9 +1,8 @@
 """Evaluation harness (paper §5.2, Tables 2/3/9): policies x datasets x decodings -> a Table-2-style report.
 
-`python -m dqo_verl.evaluate +recipe=NAME evaluate.models=[dir1,dir2]` (or `make eval RECIPE=NAME
-CKPTS="dir1 dir2"`) evaluates HF checkpoints (e.g. `export/policy` or a checkpoint's
-`policy/huggingface`) on the recipe's evaluation sets, with the training prompt templates, on the
-rollout worker group (vLLM, transformers fallback):
+The `eval` stage (`make eval RECIPE=NAME CKPTS="dir1 dir2"`, or `evaluate.models=[dir1,dir2]`) evaluates
+HF checkpoints (e.g. `export/policy` or a checkpoint's `policy/huggingface`) on the recipe's
+evaluation sets, with the training prompt templates, on the rollout worker group (vLLM or transformers):
 
 - greedy decoding, and sampling (temperature 0.7, top_p 0.9, top_k 16, min_p 0.01) over 5 seeds,
   reported as mean +- std (sample std over the seeds);
@@ -15,16 +14,29 @@ pred, score), `table.md`, `table.csv` and `summary.json`, and prints the table.
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 from omegaconf import DictConfig, OmegaConf
+from verl.utils import hf_tokenizer
 
-from dqo_verl.data import write_parquet_atomic
-from dqo_verl.main import InputError, entry_point
+from dqo_verl.cli import InputError
+from dqo_verl.data import write_json_atomic, write_parquet_atomic
+from dqo_verl.grading import grade_many
+from dqo_verl.prompts import (
+    add_prompt_ids,
+    answer_format,
+    build_prompts,
+    build_reasoning_gym_prompts,
+    build_synthetic_prompts,
+    synthetic_difficulty,
+)
+from dqo_verl.rollout import RolloutGroup, engines_per_node, sample_seed
+from dqo_verl.workers import init_ray
+
+GREEDY = {"temperature": 0.0, "top_p": 1.0, "top_k": 0, "min_p": 0.0}
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -91,8 +103,6 @@ def seen_questions(data_dir: Path) -> set[str]:
 
 def eval_prompts(name: str, spec: DictConfig, seed: int, data_dir: Path) -> pd.DataFrame:
     """The first `limit` problems of an evaluation set (prompt rows, training templates)."""
-    from data_prep.prompts import build_prompts, build_reasoning_gym_prompts, build_synthetic_prompts, synthetic_difficulty
-
     if name == "synthetic":
         df = build_synthetic_prompts(spec.limit, seed=10**6 + seed, exclude=seen_questions(data_dir), split="test",
                                      difficulty=synthetic_difficulty(spec.get("difficulty")))
@@ -105,45 +115,41 @@ def eval_prompts(name: str, spec: DictConfig, seed: int, data_dir: Path) -> pd.D
     return df.head(limit).reset_index(drop=True) if limit else df
 
 
-def evaluate_model(model: str, name: str, datasets: dict, cfg: DictConfig) -> list[dict]:
-    """Per-sample results of one model on every dataset and decoding."""
-    from verl.utils import hf_tokenizer
+def sample_and_grade(group: RolloutGroup, prompts: pd.DataFrame, n: int, seed: int, params: dict,
+                     workers: int | None = None, desc: str = "grading") -> list[dict]:
+    """`n` samples of every prompt (rows with `prompt_ids`), graded: one dict per sample, in (prompt, sample) order."""
+    requests = [(uid, j) for uid in range(len(prompts)) for j in range(n)]
+    outs = group.generate([prompts.iloc[u]["prompt_ids"] for u, _ in requests],
+                          [sample_seed(seed, u, j) for u, j in requests], params)
+    graded = grade_many([(o["response"], prompts.iloc[u]["reward_model"]["ground_truth"],
+                          answer_format(prompts.iloc[u]["data_source"])) for (u, _), o in zip(requests, outs)],
+                        workers, desc=desc)
+    return [{"uid": u, "sample": j, "response": o["response"], "finish_reason": o["finish_reason"], **g}
+            for (u, j), o, g in zip(requests, outs, graded)]
 
-    from data_prep.corpus import engines_per_node
-    from data_prep.prompts import add_prompt_ids
-    from dqo_verl.grading import grade_many
-    from dqo_verl.rollout import RolloutGroup, sample_seed
 
+def greedy_accuracy(group: RolloutGroup, prompts: pd.DataFrame, max_tokens: int, workers: int | None = None) -> float:
+    """Greedy accuracy of the group's model on `prompts`."""
+    results = sample_and_grade(group, prompts, 1, 0, {**GREEDY, "max_tokens": max_tokens}, workers)
+    return float(np.mean([r["score"] for r in results]))
+
+
+def evaluate_model(group: RolloutGroup, name: str, path: str, datasets: dict, cfg: DictConfig) -> list[dict]:
+    """Per-sample results of the group's model on every dataset and decoding."""
     e = cfg.evaluate
-    tokenizer = hf_tokenizer(model)
-    rollout = {**OmegaConf.to_container(cfg.rollout, resolve=True),
-               "max_model_len": cfg.data.max_prompt_length + e.max_tokens}
-    group = RolloutGroup(rollout, model, cfg.trainer.nnodes, engines_per_node(cfg))
     rows = []
-    try:
-        for dataset, prompts in datasets.items():
-            prompts = add_prompt_ids(prompts, tokenizer)
-            spec = e.datasets[dataset]
-            runs = []
-            if e.greedy:
-                runs.append(("greedy", 0, 1, {"temperature": 0.0, "top_p": 1.0, "top_k": 0, "min_p": 0.0}))
-            per_problem = spec.get("samples", 1)
-            sampling = {k: e.sampling[k] for k in ("temperature", "top_p", "top_k", "min_p")}
-            seeds = [e.sampling.seeds[0]] if per_problem > 1 else list(e.sampling.seeds)
-            runs += [("sample", s, per_problem, sampling) for s in seeds]
-            for decoding, seed, n, params in runs:
-                reqs = [(uid, j) for uid in range(len(prompts)) for j in range(n)]
-                outs = group.generate([prompts.iloc[u]["prompt_ids"] for u, _ in reqs],
-                                      [sample_seed(seed, u, j) for u, j in reqs], {**params, "max_tokens": e.max_tokens})
-                graded = grade_many([(o["response"], prompts.iloc[u]["reward_model"]["ground_truth"], prompts.iloc[u]["data_source"])
-                                     for (u, _), o in zip(reqs, outs)], cfg.score.workers, desc=f"grading {dataset}")
-                for (u, j), o, g in zip(reqs, outs, graded):
-                    rows.append({"model": name, "path": model, "dataset": dataset, "decoding": decoding, "seed": seed,
-                                 "uid": u, "sample": j, "prompt": prompts.iloc[u]["prompt"][0]["content"],
-                                 "response": o["response"], "pred": g["pred"], "score": g["score"],
-                                 "finish_reason": o["finish_reason"]})
-    finally:
-        group.shutdown()
+    for dataset, prompts in datasets.items():
+        spec = e.datasets[dataset]
+        runs = [("greedy", 0, 1, GREEDY)] if e.greedy else []
+        per_problem = spec.get("samples", 1)
+        sampling = {k: e.sampling[k] for k in ("temperature", "top_p", "top_k", "min_p")}
+        seeds = [e.sampling.seeds[0]] if per_problem > 1 else list(e.sampling.seeds)
+        runs += [("sample", s, per_problem, sampling) for s in seeds]
+        for decoding, seed, n, params in runs:
+            results = sample_and_grade(group, prompts, n, seed, {**params, "max_tokens": e.max_tokens}, cfg.score.workers,
+                                       desc=f"grading {dataset}")
+            rows += [{"model": name, "path": path, "dataset": dataset, "decoding": decoding, "seed": seed,
+                      "prompt": prompts.iloc[r["uid"]]["prompt"][0]["content"], **r} for r in results]
     return rows
 
 
@@ -154,19 +160,30 @@ def model_name(path: str) -> str:
 
 
 def run(cfg: DictConfig) -> dict:
-    from dqo_verl.trainer import init_ray
-
+    """The `eval` stage: writes samples.parquet, table.md, table.csv and summary.json (last) to evaluate.out_dir."""
     e = cfg.evaluate
     models = [str(m) for m in e.models]
     if not models:
-        raise SystemExit("no models: set evaluate.models=[dir,...] (or CKPTS=... with make eval)")
+        raise InputError("evaluate.models is empty: set evaluate.models=[dir,...] (or CKPTS=... with make eval)")
     for m in models:  # a local folder that is missing (a hub name has exactly one "/")
         if not Path(m).exists() and (m.startswith(("/", ".", "outputs")) or m.count("/") != 1):
             raise InputError(f"evaluate.models: {m} does not exist (train or export it first, e.g. `make demo`)")
     names = list(e.names) if e.get("names") else [model_name(m) for m in models]
-    datasets = {name: eval_prompts(name, e.datasets[name], cfg.trainer.seed, Path(cfg.paths.data)) for name in e.sets}
+    if len(names) != len(models):
+        raise InputError(f"evaluate.names has {len(names)} labels for {len(models)} evaluate.models")
+    datasets = {d: eval_prompts(d, e.datasets[d], cfg.trainer.seed, Path(cfg.paths.data)) for d in e.sets}
     init_ray(cfg)
-    rows = [r for model, name in zip(models, names) for r in evaluate_model(model, name, datasets, cfg)]
+    rollout = {**OmegaConf.to_container(cfg.rollout, resolve=True), "max_model_len": cfg.data.max_prompt_length + e.max_tokens}
+    group = RolloutGroup(rollout, models[0], cfg.trainer.nnodes, engines_per_node(cfg))
+    rows = []
+    try:
+        for i, (model, name) in enumerate(zip(models, names)):
+            if i:
+                group.load(model)
+            tokenizer = hf_tokenizer(model)
+            rows += evaluate_model(group, name, model, {d: add_prompt_ids(p, tokenizer) for d, p in datasets.items()}, cfg)
+    finally:
+        group.shutdown()
     samples = pd.DataFrame(rows)
     out = Path(e.out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -175,13 +192,7 @@ def run(cfg: DictConfig) -> dict:
     report = table(summary)
     (out / "table.md").write_text(report.to_markdown() + "\n")
     report.to_csv(out / "table.csv")
-    (out / "summary.json").write_text(json.dumps({"models": dict(zip(names, models)), "results": summary}, indent=2) + "\n")
+    write_json_atomic(out / "summary.json", {"models": dict(zip(names, models)), "results": summary})
     print(report.to_markdown())
     print(f"[eval] -> {out} (samples.parquet, table.md, table.csv, summary.json)")
     return summary
-
-
-main = entry_point(run)
-
-if __name__ == "__main__":
-    main()

@@ -1,16 +1,21 @@
 """Outcome grading (paper A.1): extract the final answer of a response and compare it with the truth.
 
-- GSM8K format (GSM8K, the synthetic task, reasoning-gym tasks): the number after the last `####`, compared by value
-  (commas, `$`, trailing zeros ignored); reasoning-gym responses without a `####` line are read by their last number.
-- MATH / MATH-500 / AIME / NuminaMath: the last `\\boxed{...}`, compared after the Qwen2.5-Math
+Every prompt source declares its answer format (`prompts.answer_format`); grading knows the formats:
+
+- `gsm8k` (GSM8K, the synthetic task): the number after the last `####`, compared by value (commas,
+  `$`, trailing zeros ignored);
+- `gsm8k_or_last_number` (generated tasks asked of models never taught the `####` line, e.g.
+  reasoning-gym): the same, and without a `####` line the response's last number (lm-eval-harness's
+  GSM8K "flexible-extract");
+- `boxed` (MATH, MATH-500, AIME, NuminaMath): the last `\\boxed{...}`, compared after the Qwen2.5-Math
   grader's string normalisations, then for mathematical equivalence with math-verify (fractions,
   radicals, decimals vs fractions, intervals, tuples, sets, matrices, equations such as `x=5`);
   multiple-choice letters are compared as letters.
 
-`grade` never raises. Inputs that could make sympy run away (deep nesting, huge powers or
-factorials, very long answers) are compared as normalised strings only, and math-verify's own
-timeout bounds the rest, so one call takes at most a few seconds. `score_corpus` grades a
-corpus in a process pool with a progress bar.
+`grade` never raises on a response. Inputs that could make sympy run away (deep nesting, huge powers
+or factorials, very long answers) are compared as normalised strings only, and math-verify's own
+timeout bounds the rest, so one call takes at most a few seconds. `grade_many` grades in a process
+pool with a progress bar.
 """
 
 from __future__ import annotations
@@ -19,22 +24,15 @@ import functools
 import multiprocessing
 import os
 import re
+import threading
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from decimal import Decimal, InvalidOperation
 
-import pandas as pd
+from math_verify import LatexExtractionConfig, parse, verify
 from tqdm import tqdm
 
-GSM8K_SOURCES = ("openai/gsm8k", "gsm8k", "synthetic_arith")
-# families of generated tasks graded in GSM8K format (data_source = "<family>/<task>"); they are asked of
-# general instruct models that were never taught the '####' line, so a response without one is read
-# by its last number (lm-eval-harness's GSM8K "flexible-extract")
-GSM8K_SOURCE_FAMILIES = ("reasoning_gym/",)
-BOXED_SOURCES = (
-    "math", "DigitalLearningGmbH/MATH-lighteval", "HuggingFaceH4/MATH-500", "math500",
-    "AI-MO/NuminaMath-CoT", "numina", "aime24", "di-zhang-fdu/AIME-1983-2024",
-)
+ANSWER_FORMATS = ("gsm8k", "gsm8k_or_last_number", "boxed")
 TIMEOUT_SECONDS = 3
 MAX_ANSWER_CHARS = 400
 MAX_NESTING = 24
@@ -150,10 +148,6 @@ def equivalent(pred: str, truth: str, timeout_seconds: int = TIMEOUT_SECONDS) ->
         return choice_p == choice_t
     if not (_safe_for_sympy(pred) and _safe_for_sympy(truth)):
         return False
-    from math_verify import LatexExtractionConfig, parse, verify
-
-    import threading
-
     timeout = timeout_seconds if threading.current_thread() is threading.main_thread() else None
     config = [LatexExtractionConfig(boxed_match_priority=0)]
     for a, b in ((truth, pred), (nt, np_)):
@@ -164,20 +158,19 @@ def equivalent(pred: str, truth: str, timeout_seconds: int = TIMEOUT_SECONDS) ->
     return False
 
 
-def grade(response: str, ground_truth: str, data_source: str) -> dict:
-    """{'score': 1.0 or 0.0, 'pred': the extracted answer or None}; never raises."""
+def grade(response: str, ground_truth: str, answer_format: str) -> dict:
+    """{'score': 1.0 or 0.0, 'pred': the extracted answer or None}; never raises on a response."""
+    if answer_format not in ANSWER_FORMATS:
+        raise ValueError(f"unknown answer format {answer_format!r}; expected one of {ANSWER_FORMATS}")
     try:
-        generated = data_source.startswith(GSM8K_SOURCE_FAMILIES)
-        if generated or data_source in GSM8K_SOURCES:
-            pred = extract_gsm8k_answer(response)
-            if pred is None and generated:
-                pred = last_number(response)
-            p, t = _number(pred), _number(str(ground_truth))
-            return {"score": float(p is not None and t is not None and p == t), "pred": pred}
-        pred = last_boxed(response)
-        if pred is None:
-            return {"score": 0.0, "pred": None}
-        return {"score": float(equivalent(pred, str(ground_truth))), "pred": pred}
+        if answer_format == "boxed":
+            pred = last_boxed(response)
+            return {"score": float(pred is not None and equivalent(pred, str(ground_truth))), "pred": pred}
+        pred = extract_gsm8k_answer(response)
+        if pred is None and answer_format == "gsm8k_or_last_number":
+            pred = last_number(response)
+        p, t = _number(pred), _number(str(ground_truth))
+        return {"score": float(p is not None and t is not None and p == t), "pred": pred}
     except Exception:  # noqa: BLE001 - a grader must not take a corpus job down; unparseable = wrong
         return {"score": 0.0, "pred": None}
 
@@ -199,7 +192,7 @@ def _grade_rows(rows: list[tuple[str, str, str]]) -> list[dict]:
 
 
 def grade_many(rows: list[tuple[str, str, str]], workers: int | None = None, chunk: int = 64, desc: str = "grading") -> list[dict]:
-    """`grade(*row)` for every (response, ground_truth, data_source), in a process pool, in order.
+    """`grade(*row)` for every (response, ground_truth, answer_format), in a process pool, in order.
 
     The pool does not fork the caller (see `_POOL_CONTEXT`), so a script calling this must, as with
     any spawned pool, keep its top-level code under `if __name__ == "__main__":`.
@@ -219,11 +212,3 @@ def grade_many(rows: list[tuple[str, str, str]], workers: int | None = None, chu
     return results
 
 
-def score_corpus(df: pd.DataFrame, workers: int | None = None, chunk: int = 64) -> pd.DataFrame:
-    """Copy of `df` with `score` and `pred` from (response, reward_model.ground_truth, data_source)."""
-    rows = [(r, rm["ground_truth"], src) for r, rm, src in zip(df["response"], df["reward_model"], df["data_source"])]
-    results = grade_many(rows, workers, chunk)
-    out = df.copy()
-    out["score"] = [r["score"] for r in results]
-    out["pred"] = [r["pred"] for r in results]
-    return out

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pandas as pd
 import torch
+from matplotlib.figure import Figure
 from transformers import AutoModelForTokenClassification, AutoTokenizer
 
 from dqo_verl.process import segment_ends
@@ -37,12 +38,9 @@ def segment_values(model, tokenizer, prompt_ids: list[int], response_ids: list[i
 
 
 def plot(curves: dict[str, pd.DataFrame], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4))
+    """V against segment index, one line per response (x: states known to be wrong), as a PNG."""
+    fig = Figure(figsize=(7, 4))
+    ax = fig.subplots()
     for label, df in curves.items():
         ax.plot(df["segment"], df["value"], marker="o", label=label)
         if "correct" in df:
@@ -52,7 +50,6 @@ def plot(curves: dict[str, pd.DataFrame], path: Path) -> None:
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 def main(argv: list[str] | None = None) -> None:

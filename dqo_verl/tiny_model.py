@@ -1,27 +1,20 @@
-"""Tiny models built offline and deterministically by seed: the embedded default's policy and value.
+"""The embedded default's tiny model, built offline and deterministically by seed (`save_pretrained`):
 
 - a character-level tokenizer (byte-level BPE without merges: every ASCII character, newline
   included, is one token) with a ChatML chat template;
-- a Qwen2-architecture causal LM (head_dim >= 32, which vLLM's CPU attention needs);
-- a value model: the same backbone as `Qwen2ForTokenClassification` with its 1-unit score head
-  initialised by seed and saved, so value tests are deterministic.
+- a Qwen2-architecture causal LM (head_dim >= 32, which vLLM's CPU attention needs).
 
-Everything is written with `save_pretrained`; `python -m dqo_verl.tiny_model --out DIR` builds both.
+Its value model is built like any other's, by `models.build_value_model`.
 """
 
 from __future__ import annotations
 
-import argparse
 import os
 from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
 from transformers import (
-    AutoConfig,
-    AutoModelForCausalLM,
-    AutoModelForTokenClassification,
-    AutoTokenizer,
     GenerationConfig,
     PreTrainedTokenizerFast,
     Qwen2Config,
@@ -101,47 +94,3 @@ def build_tiny_policy(out_dir: str | os.PathLike, seed: int = 0, **config_kwargs
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     return out
-
-
-def build_value_model(policy_dir: str | os.PathLike, out_dir: str | os.PathLike, seed: int = 0,
-                      head_std: float | None = None) -> Path:
-    """Value model = the policy's backbone + a 1-unit score head initialised by `seed`, saved.
-
-    The head's weights are N(0, head_std^2), head_std defaulting to the config's initializer_range;
-    head_std=0 starts V at exactly 0 (for pretrained backbones, whose large hidden states make a
-    random head start V far from any return). Works for any causal-LM checkpoint with a
-    `...ForTokenClassification` class in transformers.
-    """
-    out = Path(out_dir)
-    config = AutoConfig.from_pretrained(policy_dir, num_labels=1)
-    config.classifier_dropout = 0.0
-    model = AutoModelForTokenClassification.from_pretrained(policy_dir, config=config, torch_dtype=torch.float32)
-    generator = torch.Generator().manual_seed(seed)
-    std = getattr(model.config, "initializer_range", 0.02) if head_std is None else head_std
-    with torch.no_grad():
-        model.score.weight.copy_(torch.randn(model.score.weight.shape, generator=generator) * std)
-        if model.score.bias is not None:
-            model.score.bias.zero_()
-    model.config.architectures = [type(model).__name__]
-    model.save_pretrained(out)
-    AutoTokenizer.from_pretrained(policy_dir).save_pretrained(out)
-    return out
-
-
-def load_policy(path: str | os.PathLike) -> torch.nn.Module:
-    """Load a saved policy in float32 (eager attention) for checks and sampling."""
-    return AutoModelForCausalLM.from_pretrained(path, torch_dtype=torch.float32, attn_implementation="eager")
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", required=True, help="directory; gets policy/ and value/")
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args()
-    policy = build_tiny_policy(Path(args.out) / "policy", seed=args.seed)
-    value = build_value_model(policy, Path(args.out) / "value", seed=args.seed)
-    print(f"policy: {policy}\nvalue:  {value}")
-
-
-if __name__ == "__main__":
-    main()

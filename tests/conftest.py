@@ -15,7 +15,8 @@ from dqo_verl.grading import grade
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory):
     """(policy_dir, value_dir) of a seeded random tiny Qwen2 and its value model."""
-    from dqo_verl.tiny_model import build_tiny_policy, build_value_model
+    from dqo_verl.models import build_value_model
+    from dqo_verl.tiny_model import build_tiny_policy
 
     root = tmp_path_factory.mktemp("tiny")
     policy = build_tiny_policy(root / "policy", seed=0)
@@ -47,7 +48,7 @@ def make_corpus(tokenizer, n_prompts: int, per_prompt: int, seed: int = 0) -> pd
                     "prompt_ids": prompt_ids,
                     "response_ids": ids,
                     "response": text,
-                    **grade(text, p["answer"], synthetic.DATA_SOURCE),
+                    **grade(text, p["answer"], "gsm8k"),
                     "segment_ends": offsets,
                     "process_rewards": [0.1] * len(offsets),
                 }
@@ -71,7 +72,7 @@ def ray_session(tmp_path_factory):
     """A local Ray started by the tests (own temp dir), stopped at the end; nothing else is touched."""
     import ray
 
-    from dqo_verl.trainer import PLUGIN_ENV
+    from dqo_verl.workers import PLUGIN_ENV
 
     if ray.is_initialized():
         yield

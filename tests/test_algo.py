@@ -1,4 +1,4 @@
-"""algo.py against an independent loop-by-loop implementation of DESIGN §2."""
+"""algo.py against an independent loop-by-loop implementation of the maths contract (docs/design.md)."""
 
 import math
 
@@ -306,3 +306,25 @@ def test_unknown_granularity_and_missing_segments_raise():
         algo.compute_action_ends(mask, "paragraph")
     with pytest.raises(ValueError, match="segment_ends"):
         algo.compute_action_ends(mask, "step")
+
+
+@pytest.mark.parametrize("granularity,lam", [("token", 0.5), ("step", 1.0), ("sequence", 0.0), ("step", 0.95)])
+def test_dqo_targets_match_reference(granularity, lam):
+    """One update's targets from per-token tensors: actions, lambda-returns and weights, row by row."""
+    lengths = [T, 5, 1, 4]
+    seg = {0: [1, 3], 1: [2], 2: [], 3: [0, 1, 2, 3]}
+    lr, rewards, values, mask = make_batch(lengths, seed=11)
+    seg_mask = torch.zeros_like(mask)
+    for i, ends in seg.items():
+        seg_mask[i, ends] = 1
+    ends = algo.compute_action_ends(mask, granularity, seg_mask if granularity == "step" else None)
+    t = algo.dqo_targets(lr, values, rewards, ends, BETA, lam, is_log_clip=0.5)
+    for i, (a_lr, a_r, a_v, w) in enumerate(rows_of(lr, rewards, values, mask, granularity, seg, log_clip=0.5)):
+        n = len(a_lr)
+        assert t.mask[i].tolist() == [1.0] * n + [0.0] * (T - n)
+        assert t.log_ratio[i, :n].tolist() == pytest.approx(a_lr, abs=1e-12)
+        assert t.rewards[i, :n].tolist() == pytest.approx(a_r, abs=1e-12)
+        assert t.values[i, :n].tolist() == pytest.approx(a_v, abs=1e-12)
+        assert t.returns[i, :n].tolist() == pytest.approx(ref_returns(a_r, a_lr, a_v, BETA, lam), abs=1e-12)
+        assert t.weights[i].item() == pytest.approx(w, rel=1e-12)
+        assert torch.all(t.returns[i, n:] == 0)

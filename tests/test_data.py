@@ -94,11 +94,14 @@ def bad(column, value, row=1):
         (bad("ref_logprobs", [0.0, float("nan"), 0.0, 0.0]), 1, "ref_logprobs", "non-finite"),
         (bad("prompt_ids", "abc", row=0), 0, "prompt_ids", "expected a list"),
         (bad("response_ids", [1.5, 2.5]), 1, "response_ids", "integers"),
+        (bad("response_ids", [12, 99, 14, 15]), 1, "response_ids", "token id 99 outside the vocabulary [0, 50)"),
+        (bad("prompt_ids", [-1, 5], row=0), 0, "prompt_ids", "token id -1 outside the vocabulary"),
+        (bad("response_ids", [50]), 1, "response_ids", "token id 50 outside"),
     ],
 )
 def test_validation_names_file_row_and_field(df, row, field, message):
     with pytest.raises(CorpusError) as err:
-        validate_corpus(df, "c.parquet")
+        validate_corpus(df, "c.parquet", vocab_size=50)
     text = str(err.value)
     assert text.startswith("c.parquet")
     assert f"field '{field}'" in text and message in text
@@ -107,6 +110,11 @@ def test_validation_names_file_row_and_field(df, row, field, message):
 
 def test_valid_corpus_passes_and_missing_file_is_named(tmp_path):
     validate_corpus(rows(), "c.parquet")
+    validate_corpus(rows(), "c.parquet", vocab_size=16)  # the largest id is 15
+    with pytest.raises(CorpusError, match="row 1, field 'response_ids': token id 15 outside the vocabulary"):
+        validate_corpus(rows(), "c.parquet", vocab_size=15)
+    with pytest.raises(CorpusError, match="row 1, field 'prompt_ids': token id -3"):
+        validate_corpus(rows().assign(prompt_ids=[[5, 6, 7], [-3]]), "c.parquet")  # negative: bad with no vocabulary too
     with pytest.raises(CorpusError, match="does not exist"):
         read_corpus(tmp_path / "nope.parquet")
     (tmp_path / "junk.parquet").write_text("not parquet")

@@ -1,4 +1,5 @@
-"""Outcome grading: GSM8K numbers, MATH-style boxed answers with math-verify, adversarial inputs."""
+"""Outcome grading by answer format: GSM8K numbers, boxed answers with math-verify, adversarial inputs;
+scoring a corpus by the answer format each row's source declares."""
 
 import os
 import time
@@ -7,7 +8,9 @@ import pandas as pd
 import pytest
 
 from dqo_verl import grading
-from dqo_verl.grading import extract_gsm8k_answer, grade, grade_many, last_boxed, normalize_answer, score_corpus
+from dqo_verl.cli import InputError
+from dqo_verl.corpus import answer_formats, score_samples
+from dqo_verl.grading import extract_gsm8k_answer, grade, grade_many, last_boxed, normalize_answer
 
 MATH = "DigitalLearningGmbH/MATH-lighteval"
 
@@ -27,7 +30,7 @@ MATH = "DigitalLearningGmbH/MATH-lighteval"
     ],
 )
 def test_gsm8k_grading(response, truth, score, pred):
-    assert grade(response, truth, "openai/gsm8k") == {"score": score, "pred": pred}
+    assert grade(response, truth, "gsm8k") == {"score": score, "pred": pred}
 
 
 def test_last_boxed_matches_braces_and_takes_the_last():
@@ -64,7 +67,7 @@ def test_last_boxed_matches_braces_and_takes_the_last():
     ],
 )
 def test_math_equivalent_answers(pred, truth):
-    assert grade(rf"... so the answer is \boxed{{{pred}}}.", truth, MATH) == {"score": 1.0, "pred": pred}
+    assert grade(rf"... so the answer is \boxed{{{pred}}}.", truth, "boxed") == {"score": 1.0, "pred": pred}
 
 
 @pytest.mark.parametrize(
@@ -72,13 +75,13 @@ def test_math_equivalent_answers(pred, truth):
     [("3", "4"), (r"\frac{1}{3}", "0.33"), ("2x", "2"), ("(1,2)", "(2,1)"), ("B", "C"), (r"\sqrt{2}", "2"), ("[0,1]", "[0,1)")],
 )
 def test_math_different_answers(pred, truth):
-    assert grade(rf"\boxed{{{pred}}}", truth, MATH)["score"] == 0.0
+    assert grade(rf"\boxed{{{pred}}}", truth, "boxed")["score"] == 0.0
 
 
-def test_numina_and_aime_sources_use_boxed_answers():
-    assert grade(r"\boxed{204}", "204", "aime24")["score"] == 1.0
-    assert grade(r"\boxed{\frac{3}{4}}", r"\frac34", "AI-MO/NuminaMath-CoT")["score"] == 1.0
-    assert grade("The answer is 204.", "204", "aime24") == {"score": 0.0, "pred": None}
+def test_boxed_answers_need_a_box():
+    assert grade(r"\boxed{204}", "204", "boxed")["score"] == 1.0
+    assert grade(r"\boxed{\frac{3}{4}}", r"\frac34", "boxed")["score"] == 1.0
+    assert grade("The answer is 204.", "204", "boxed") == {"score": 0.0, "pred": None}
 
 
 @pytest.mark.parametrize(
@@ -97,15 +100,17 @@ def test_numina_and_aime_sources_use_boxed_answers():
 )
 def test_adversarial_answers_are_fast_and_never_raise(pred):
     start = time.perf_counter()
-    out = grade(rf"\boxed{{{pred}}}", "1", MATH)
+    out = grade(rf"\boxed{{{pred}}}", "1", "boxed")
     assert time.perf_counter() - start < 5.0
     assert out["score"] == 0.0
 
 
-def test_grade_never_raises_on_junk():
-    for args in ((None, "1", MATH), (r"\boxed{1}", None, MATH), ("#### 1", "1", "unknown/source"), ("", "", "")):
+def test_grade_never_raises_on_junk_but_refuses_an_unknown_format():
+    for args in ((None, "1", "boxed"), (r"\boxed{1}", None, "boxed"), (None, "1", "gsm8k"), ("", "", "gsm8k_or_last_number")):
         out = grade(*args)
         assert out["score"] == 0.0
+    with pytest.raises(ValueError, match="unknown answer format 'openai/gsm8k'"):
+        grade("#### 1", "1", "openai/gsm8k")
 
 
 def test_normalize_answer():
@@ -114,18 +119,29 @@ def test_normalize_answer():
     assert normalize_answer("3.50") == "3.5" and normalize_answer(".5") == "0.5"
 
 
-def test_score_corpus_in_a_process_pool():
+def test_a_corpus_is_scored_in_the_format_its_sources_declare():
     df = pd.DataFrame(
         {
-            "response": [r"\boxed{\frac12}", "#### 7", r"\boxed{3}", "#### 1,000"] * 20,
-            "reward_model": [{"ground_truth": "0.5"}, {"ground_truth": "7"}, {"ground_truth": "4"}, {"ground_truth": "1000"}] * 20,
-            "data_source": [MATH, "openai/gsm8k", MATH, "openai/gsm8k"] * 20,
+            "response": [r"\boxed{\frac12}", "#### 7", r"\boxed{3}", "#### 1,000", "so 9", "so 9"] * 20,
+            "reward_model": [{"ground_truth": t} for t in ("0.5", "7", "4", "1000", "9", "9")] * 20,
+            "data_source": [MATH, "openai/gsm8k", "aime24", "synthetic_arith", "reasoning_gym/chain_sum", "gsm8k"] * 20,
         }
     )
-    scored = score_corpus(df, workers=2, chunk=16)
-    assert scored["score"].tolist() == [1.0, 1.0, 0.0, 1.0] * 20
-    assert scored["pred"].tolist()[:4] == [r"\frac12", "7", "3", "1000"]
+    formats = answer_formats(df, "s.parquet")
+    assert formats[:6] == ["boxed", "gsm8k", "boxed", "gsm8k", "gsm8k_or_last_number", "gsm8k"]
+    scored = score_samples(df, formats, workers=2)
+    assert scored["score"].tolist() == [1.0, 1.0, 0.0, 1.0, 1.0, 0.0] * 20
+    assert scored["pred"].tolist()[:5] == [r"\frac12", "7", "3", "1000", "9"] and pd.isna(scored["pred"].iloc[5])
     assert "score" not in df.columns
+
+
+def test_a_source_without_a_declared_format_fails_naming_file_row_and_source():
+    df = pd.DataFrame({"data_source": ["openai/gsm8k", "my/own_set"], "response": ["#### 1"] * 2,
+                       "reward_model": [{"ground_truth": "1"}] * 2})
+    with pytest.raises(InputError) as err:
+        answer_formats(df, "samples.parquet")
+    message = str(err.value)
+    assert message.startswith("samples.parquet, row 1, field 'data_source'") and "'my/own_set'" in message
 
 
 def test_grading_pool_never_forks_the_caller(monkeypatch):
@@ -139,12 +155,12 @@ def test_grading_pool_never_forks_the_caller(monkeypatch):
 
 
 def test_generated_tasks_fall_back_to_the_last_number_but_gsm8k_does_not():
-    rg = "reasoning_gym/basic_arithmetic"
+    rg = "gsm8k_or_last_number"
     assert grade("5 - 3 = 2, then 2 * 4 = 8.\nThe final answer is 8.", "8", rg) == {"score": 1.0, "pred": "8"}
     assert grade("so it is -1,204 in all", "-1204", rg)["score"] == 1.0
     assert grade("#### 7 (not 8)", "8", rg) == {"score": 0.0, "pred": "7"}  # a '####' line still decides
     assert grade("I cannot tell.", "8", rg) == {"score": 0.0, "pred": None}
-    assert grade("The final answer is 8.", "8", "openai/gsm8k") == {"score": 0.0, "pred": None}
+    assert grade("The final answer is 8.", "8", "gsm8k") == {"score": 0.0, "pred": None}
 
 
 def test_a_dead_grading_worker_fails_that_call_and_the_next_starts_afresh():

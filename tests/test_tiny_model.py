@@ -5,7 +5,8 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoModelForTokenClassification, AutoTokenizer
 
-from dqo_verl.tiny_model import build_char_tokenizer, build_tiny_policy, build_value_model, tiny_qwen2_config
+from dqo_verl.models import build_value_model
+from dqo_verl.tiny_model import build_char_tokenizer, build_tiny_policy, tiny_qwen2_config
 
 TEXT = "Q: Ann has 4 pens. She buys 4 bags of 6.\n\n4*6=24\n\n4+24=28\n\n#### 28"
 

@@ -1,6 +1,6 @@
-"""Baseline training sets on the same corpus (paper Table 8, DESIGN §1 step 8).
+"""Baseline training sets on the same corpus (paper Table 8): the `baselines` stage.
 
-`python -m data_prep.baselines +recipe=NAME` (or `make baselines RECIPE=NAME`) reads
+`make baselines RECIPE=NAME` reads
 `${paths.data}/corpus.parquet` and `prompts.parquet` and writes `${paths.data}/baselines/`:
 
 - `sft.parquet`: the reference solution of every prompt that has one;
@@ -19,10 +19,11 @@ import random
 from pathlib import Path
 
 import pandas as pd
+from matplotlib.figure import Figure
 from omegaconf import DictConfig
+from verl.utils import hf_tokenizer
 
 from dqo_verl.data import write_parquet_atomic
-from dqo_verl.main import entry_point
 
 RESPONSE_FIELDS = ("prompt_ids", "response_ids", "response", "score")
 
@@ -85,23 +86,19 @@ def summary_table(sets: dict[str, pd.DataFrame], corpus: pd.DataFrame) -> str:
 
 def plot_histograms(corpus: pd.DataFrame, out_dir: Path) -> list[Path]:
     """Per-prompt positive-rate histogram (Figure 2) and response-length histogram (Figure 3), as PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     paths = []
     rate = corpus.groupby("uid")["score"].mean()
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig = Figure(figsize=(6, 4))
+    ax = fig.subplots()
     ax.hist(rate, bins=[i / 20 for i in range(21)], color="tab:blue", edgecolor="white")
     ax.set(xlabel="fraction of correct responses per prompt", ylabel="prompts", title="Positive rate per prompt")
     paths.append(out_dir / "positive_rate.png")
     fig.tight_layout()
     fig.savefig(paths[-1], dpi=120)
-    plt.close(fig)
 
     lengths = corpus["response_ids"].map(len)
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig = Figure(figsize=(6, 4))
+    ax = fig.subplots()
     bins = 40
     ax.hist([lengths[corpus["score"] == 1], lengths[corpus["score"] == 0]], bins=bins, stacked=True,
             label=["correct", "incorrect"], color=["tab:green", "tab:red"])
@@ -110,17 +107,13 @@ def plot_histograms(corpus: pd.DataFrame, out_dir: Path) -> list[Path]:
     paths.append(out_dir / "response_length.png")
     fig.tight_layout()
     fig.savefig(paths[-1], dpi=120)
-    plt.close(fig)
     return paths
 
 
 def run(cfg: DictConfig) -> Path:
-    from verl.utils import hf_tokenizer
-
-    from data_prep import require, score
-
+    """The `baselines` stage."""
     data = Path(cfg.paths.data)
-    corpus = pd.read_parquet(require(data / "corpus.parquet", score.run, cfg))
+    corpus = pd.read_parquet(data / "corpus.parquet")
     prompts = pd.read_parquet(data / "prompts.parquet")
     out_dir = data / "baselines"
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -138,9 +131,3 @@ def run(cfg: DictConfig) -> Path:
     print(table)
     print(f"[baselines] -> {out_dir} ({', '.join(p.name for p in figures)})")
     return out_dir
-
-
-main = entry_point(run)
-
-if __name__ == "__main__":
-    main()

@@ -1,10 +1,14 @@
-"""Prompt sets (DESIGN §1 step 1): load a dataset, extract ground truths, apply the paper's prompt
-template (A.1, Figure 1) and the model's chat template, write verl-style parquet.
+"""Prompt sets: the datasets a recipe draws problems from, their templates and answer formats.
 
-`python -m data_prep.prompts +recipe=NAME` (or `make prompts RECIPE=NAME`) writes
-`${paths.data}/prompts.parquet` (and, when the recipe has `sft_dataset`, `${paths.data}/sft.parquet`).
-Every loader reads the hub through `datasets` (`dataset.path` = hub name) or a local file / folder
-in the same schema (`dataset.path=/dir/train.parquet`).
+Each source loads a dataset, extracts ground truths, applies the paper's prompt template (A.1,
+Figure 1) and declares the answer format its responses are graded in (`grading.ANSWER_FORMATS`).
+Every loader reads the hub through `datasets` (`dataset.path` = hub name) or a local file / folder in
+the same schema (`dataset.path=/dir/train.parquet`). Besides the hub datasets there are two generated
+sources: the built-in synthetic arithmetic task and reasoning-gym's task generators.
+
+The `prompts` stage (`make prompts RECIPE=NAME`) writes `${paths.data}/prompts.parquet` in verl's
+field conventions, with the chat-templated `prompt_ids` (and, when the recipe has `sft_dataset`,
+`${paths.data}/sft.parquet`).
 """
 
 from __future__ import annotations
@@ -15,13 +19,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Mapping
 
+import datasets
 import pandas as pd
 from omegaconf import DictConfig, OmegaConf
+from verl.utils import hf_tokenizer
 
 from dqo_verl import synthetic
+from dqo_verl.cli import InputError
 from dqo_verl.data import write_parquet_atomic
 from dqo_verl.grading import last_boxed
-from dqo_verl.main import InputError, entry_point
 
 GSM8K_INSTRUCTION = "Please reason step by step, and produce a final answer following 4 '#', like '#### 0'."
 MATH_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
@@ -62,6 +68,7 @@ class PromptSource:
     truth_key: str
     truth: Callable[[str], str | None]
     instruction: str | None
+    answer_format: str  # how responses are graded (grading.ANSWER_FORMATS)
     hub_config: str | None = None
     split: str = "train"
     # the reference solution (for the SFT baseline), if the dataset has one
@@ -73,25 +80,41 @@ class PromptSource:
 
 SOURCES: dict[str, PromptSource] = {
     "gsm8k": PromptSource(
-        "openai/gsm8k", "openai/gsm8k", "question", "answer", gsm8k_truth, GSM8K_INSTRUCTION, "main", solution_key="answer"
+        "openai/gsm8k", "openai/gsm8k", "question", "answer", gsm8k_truth, GSM8K_INSTRUCTION, "gsm8k", "main",
+        solution_key="answer",
     ),
     "math": PromptSource(
         "DigitalLearningGmbH/MATH-lighteval", "DigitalLearningGmbH/MATH-lighteval", "problem", "solution",
-        boxed_truth, MATH_INSTRUCTION, "default", solution_key="solution",
+        boxed_truth, MATH_INSTRUCTION, "boxed", "default", solution_key="solution",
     ),
     "math500": PromptSource(
         "HuggingFaceH4/MATH-500", "HuggingFaceH4/MATH-500", "problem", "answer", lambda a: str(a).strip() or None,
-        MATH_INSTRUCTION, split="test", solution_key="solution",
+        MATH_INSTRUCTION, "boxed", split="test", solution_key="solution",
     ),
     "numina": PromptSource(
-        "AI-MO/NuminaMath-CoT", "AI-MO/NuminaMath-CoT", "problem", "solution", boxed_truth, None, skip_bad_rows=True,
-        solution_key="solution",
+        "AI-MO/NuminaMath-CoT", "AI-MO/NuminaMath-CoT", "problem", "solution", boxed_truth, None, "boxed",
+        skip_bad_rows=True, solution_key="solution",
     ),
     "aime24": PromptSource(
-        "di-zhang-fdu/AIME-1983-2024", "aime24", "Question", "Answer", aime_truth, None,
+        "di-zhang-fdu/AIME-1983-2024", "aime24", "Question", "Answer", aime_truth, None, "boxed",
         filter=lambda row: int(row.get("Year", 0)) == 2024,
     ),
 }
+# generated sources: the built-in task, and reasoning-gym tasks (data_source "reasoning_gym/<task>")
+GENERATED_FORMATS = {synthetic.DATA_SOURCE: "gsm8k", "reasoning_gym/": "gsm8k_or_last_number"}
+# the answer format of every known data_source: each source under its data_source, hub name and short name
+ANSWER_FORMAT_OF = {
+    **{key: src.answer_format for name, src in SOURCES.items() for key in (name, src.hub, src.data_source)},
+    **{k: v for k, v in GENERATED_FORMATS.items() if not k.endswith("/")},
+}
+
+
+def answer_format(data_source: str) -> str | None:
+    """The answer format a data_source declares (None: unknown source)."""
+    if data_source in ANSWER_FORMAT_OF:
+        return ANSWER_FORMAT_OF[data_source]
+    family = next((f for f in GENERATED_FORMATS if f.endswith("/") and data_source.startswith(f)), None)
+    return GENERATED_FORMATS[family] if family else None
 
 
 def load_rows(path: str, hub_config: str | None, split: str) -> tuple[list[dict], str]:
@@ -105,8 +128,6 @@ def load_rows(path: str, hub_config: str | None, split: str) -> tuple[list[dict]
         for f in files:
             frames.append(pd.read_parquet(f) if f.suffix == ".parquet" else pd.read_json(f, lines=f.suffix == ".jsonl"))
         return pd.concat(frames, ignore_index=True).to_dict("records"), str(local)
-    import datasets
-
     ds = datasets.load_dataset(path, hub_config, split=split)
     return list(ds), f"{path}[{split}]"
 
@@ -234,9 +255,7 @@ def add_prompt_ids(df: pd.DataFrame, tokenizer) -> pd.DataFrame:
 
 
 def prepare(cfg: DictConfig) -> Path:
-    """The `prompts` stage of a recipe: write ${paths.data}/prompts.parquet (and sft.parquet)."""
-    from verl.utils import hf_tokenizer
-
+    """The `prompts` stage: write ${paths.data}/prompts.parquet (and sft.parquet)."""
     d = cfg.dataset
     out_dir = Path(cfg.paths.data)
     if d.name == "synthetic":
@@ -257,9 +276,3 @@ def prepare(cfg: DictConfig) -> Path:
         write_parquet_atomic(sft, out_dir / "sft.parquet")
         print(f"[prompts] {len(sft)} SFT trajectories -> {out_dir / 'sft.parquet'}")
     return path
-
-
-main = entry_point(prepare)
-
-if __name__ == "__main__":
-    main()
