@@ -19,37 +19,65 @@ import tempfile
 import time
 from pathlib import Path
 
+from omegaconf import OmegaConf
+from transformers import AutoTokenizer
+
+from dqo_verl.cli import compose_config
+from dqo_verl.corpus import generate_samples
+from dqo_verl.prompts import add_prompt_ids, build_synthetic_prompts
+from dqo_verl.rollout import CPU_ENGINE_ENV, RolloutGroup, sampling_params
+from dqo_verl.tiny_model import build_tiny_policy
+from dqo_verl.workers import init_ray
+
 
 def measure(which: str, args) -> dict:
     """Time one path; run in its own process so neither leaves threads or memory behind for the other."""
-    from omegaconf import OmegaConf
-    from transformers import AutoTokenizer
-
-    from data_prep.corpus import generate_samples, sampling_params
-    from data_prep.prompts import add_prompt_ids, build_synthetic_prompts
-    from dqo_verl.main import compose_config
-    from dqo_verl.rollout import CPU_ENGINE_ENV, RolloutGroup
-    from dqo_verl.trainer import init_ray
-
     os.environ.update(CPU_ENGINE_ENV)
     model = Path(args.work) / "policy"
-    cfg = compose_config("tiny_cpu", [f"policy.model.path={model}", f"rollout.n={args.n}", f"rollout.max_tokens={args.max_tokens}",
-                                      f"rollout.engines_per_node={args.engines}", "rollout.backend=vllm"])
+    cfg = compose_config(
+        "tiny_cpu",
+        [
+            f"policy.model.path={model}",
+            f"rollout.n={args.n}",
+            f"rollout.max_tokens={args.max_tokens}",
+            f"rollout.engines_per_node={args.engines}",
+            "rollout.backend=vllm",
+        ],
+    )
     r = cfg.rollout
     prompts = add_prompt_ids(build_synthetic_prompts(args.prompts, seed=0), AutoTokenizer.from_pretrained(model))
     if which == "raw":  # one engine in this process, one request per prompt with n samples
         from vllm import LLM, SamplingParams
         from vllm.inputs import TokensPrompt
 
-        llm = LLM(model=str(model), seed=0, dtype=r.dtype, enforce_eager=r.enforce_eager, enable_prefix_caching=r.enable_prefix_caching,
-                  max_num_batched_tokens=r.max_num_batched_tokens, max_model_len=512, kv_cache_memory_bytes=r.kv_cache_memory_bytes)
-        sp = SamplingParams(n=args.n, temperature=r.temperature, top_p=r.top_p, top_k=r.top_k, min_p=r.min_p,
-                            max_tokens=args.max_tokens, logprobs=0)
+        llm = LLM(
+            model=str(model),
+            seed=0,
+            dtype=r.dtype,
+            enforce_eager=r.enforce_eager,
+            enable_prefix_caching=r.enable_prefix_caching,
+            max_num_batched_tokens=r.max_num_batched_tokens,
+            max_model_len=512,
+            kv_cache_memory_bytes=r.kv_cache_memory_bytes,
+        )
+        sp = SamplingParams(
+            n=args.n,
+            temperature=r.temperature,
+            top_p=r.top_p,
+            top_k=r.top_k,
+            min_p=r.min_p,
+            max_tokens=args.max_tokens,
+            logprobs=0,
+        )
         reqs = [TokensPrompt(prompt_token_ids=list(p)) for p in prompts["prompt_ids"]]
         llm.generate(reqs[:2], sp, use_tqdm=False)  # warm-up
         start = time.perf_counter()
         outs = llm.generate(reqs, sp, use_tqdm=False)
-        return {"seconds": time.perf_counter() - start, "tokens": sum(len(c.token_ids) for o in outs for c in o.outputs), "engines": 1}
+        return {
+            "seconds": time.perf_counter() - start,
+            "tokens": sum(len(c.token_ids) for o in outs for c in o.outputs),
+            "engines": 1,
+        }
     init_ray(cfg)  # the pipeline: rollout worker group + sharded, resumable corpus writer
     params = sampling_params(r)
     group = RolloutGroup({**OmegaConf.to_container(r, resolve=True), "max_model_len": 512}, str(model), 1, args.engines)
@@ -78,22 +106,30 @@ def main() -> None:
         print("RESULT " + json.dumps(measure(args.only, args)))
         return
 
-    from dqo_verl.tiny_model import build_tiny_policy
-
     work = Path(tempfile.mkdtemp(prefix="bench-gen-"))
-    build_tiny_policy(work / "policy", seed=0, hidden_size=args.hidden, num_layers=args.layers,
-                      num_heads=args.hidden // 64, intermediate_size=3 * args.hidden)
+    build_tiny_policy(
+        work / "policy",
+        seed=0,
+        hidden_size=args.hidden,
+        num_layers=args.layers,
+        num_heads=args.hidden // 64,
+        intermediate_size=3 * args.hidden,
+    )
     results = {}
     for which in ("raw", "pipeline"):
         cmd = [sys.executable, __file__, "--only", which, "--work", str(work), *sys.argv[1:]]
         out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
         results[which] = json.loads(out.split("RESULT ", 1)[1].splitlines()[0])
 
-    print(f"\nmodel: Qwen2 hidden {args.hidden}, {args.layers} layers; {args.prompts} prompts x {args.n} samples, "
-          f"max {args.max_tokens} new tokens; {os.cpu_count()} CPU cores; each path in its own process")
+    print(
+        f"\nmodel: Qwen2 hidden {args.hidden}, {args.layers} layers; {args.prompts} prompts x {args.n} samples, "
+        f"max {args.max_tokens} new tokens; {os.cpu_count()} CPU cores; each path in its own process"
+    )
     print(f"{'path':<52} {'seconds':>8} {'tokens':>8} {'tok/s':>8}")
-    names = {"raw": "raw vllm.LLM.generate (1 engine, n per request)",
-             "pipeline": f"pipeline ({results['pipeline']['engines']} engines, seeded per sample)"}
+    names = {
+        "raw": "raw vllm.LLM.generate (1 engine, n per request)",
+        "pipeline": f"pipeline ({results['pipeline']['engines']} engines, seeded per sample)",
+    }
     for which, res in results.items():
         print(f"{names[which]:<52} {res['seconds']:>8.2f} {res['tokens']:>8d} {res['tokens'] / res['seconds']:>8.0f}")
     rate = {k: v["tokens"] / v["seconds"] for k, v in results.items()}

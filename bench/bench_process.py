@@ -14,6 +14,13 @@ import time
 from pathlib import Path
 
 import pandas as pd
+from omegaconf import OmegaConf
+from verl.utils import hf_tokenizer
+
+from dqo_verl.cli import compose_config
+from dqo_verl.process import search_prefixes, segment_ends
+from dqo_verl.rollout import RolloutGroup, sampling_params
+from dqo_verl.workers import engines_per_node, init_ray
 
 
 def main() -> None:
@@ -23,16 +30,6 @@ def main() -> None:
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
 
-    from omegaconf import OmegaConf
-    from verl.utils import hf_tokenizer
-
-    from data_prep.corpus import engines_per_node, sampling_params
-    from data_prep.process import search_prefixes
-    from dqo_verl.main import compose_config
-    from dqo_verl.process import segment_ends
-    from dqo_verl.rollout import RolloutGroup
-    from dqo_verl.trainer import init_ray
-
     cfg = compose_config("tiny_cpu", args.overrides)
     path = Path(cfg.paths.data) / "corpus.parquet"
     if not path.exists():
@@ -40,18 +37,31 @@ def main() -> None:
     corpus = pd.read_parquet(path)
     tok = hf_tokenizer(cfg.policy.model.path)
     ends = [segment_ends(ids, tok, cfg.process.separator, cfg.process.max_segments) for ids in corpus["response_ids"]]
-    failed = [row for row in range(len(corpus)) if corpus.iloc[row]["score"] != 1.0 and len(ends[row]) > 1][: args.responses]
+    failed = [row for row in range(len(corpus)) if corpus.iloc[row]["score"] != 1.0 and len(ends[row]) > 1][
+        : args.responses
+    ]
     init_ray(cfg)
-    rollout = {**OmegaConf.to_container(cfg.rollout, resolve=True),
-               "max_model_len": cfg.data.max_prompt_length + 2 * cfg.data.max_response_length}
+    rollout = {
+        **OmegaConf.to_container(cfg.rollout, resolve=True),
+        "max_model_len": cfg.data.max_prompt_length + 2 * cfg.data.max_response_length,
+    }
     group = RolloutGroup(rollout, cfg.policy.model.path, cfg.trainer.nnodes, engines_per_node(cfg))
     results, spend, seconds = {}, {}, {}
     try:
         for strategy in ("linear", "binary"):
             start = time.perf_counter()
             results[strategy], spend[strategy] = search_prefixes(
-                corpus, ends, failed, group, strategy, args.k, cfg.rollout.seed, sampling_params(cfg.rollout), tok,
-                cfg.score.workers)
+                corpus,
+                ends,
+                failed,
+                group,
+                strategy,
+                args.k,
+                cfg.rollout.seed,
+                sampling_params(cfg.rollout),
+                tok,
+                cfg.score.workers,
+            )
             seconds[strategy] = time.perf_counter() - start
     finally:
         group.shutdown()
@@ -59,8 +69,10 @@ def main() -> None:
     agree = sum(results["linear"][r] == results["binary"][r] for r in failed) / len(failed)
     n = pd.Series([len(ends[r]) for r in failed])
     prefix = pd.Series([results["linear"][r] / len(ends[r]) for r in failed])
-    print(f"\n{len(failed)} failed responses of the tiny corpus, {n.mean():.1f} segments on average (max {n.max()}); "
-          f"K={args.k} completions per prefix; {group.engines} {group.backend} engines")
+    print(
+        f"\n{len(failed)} failed responses of the tiny corpus, {n.mean():.1f} segments on average (max {n.max()}); "
+        f"K={args.k} completions per prefix; {group.engines} {group.backend} engines"
+    )
     print(f"mean longest-correct-prefix fraction (linear): {prefix.mean():.3f}")
     print(f"{'strategy':<10} {'completions':>12} {'tokens':>10} {'seconds':>9}")
     for s in ("linear", "binary"):

@@ -20,6 +20,16 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForTokenClassification
+
+from dqo_verl import algo
+from dqo_verl.cli import compose_config
+from dqo_verl.data import BatchSpec, build_batch, epoch_batches
+from dqo_verl.driver import load_corpus
+from dqo_verl.models import build_value_model
+from dqo_verl.tiny_model import build_tiny_policy
+from dqo_verl.trainers import DQOTrainer, make_trainer
+from dqo_verl.workers import init_ray
 
 
 def make_corpus(path: Path, rows: int, prompt_len: int, response_len: int, vocab: int, seed: int) -> None:
@@ -40,20 +50,21 @@ def make_corpus(path: Path, rows: int, prompt_len: int, response_len: int, vocab
 
 def bare_loop(cfg, corpus: pd.DataFrame, batches: list[np.ndarray], warmup: int) -> list[float]:
     """Seconds per update of the single-process loop (same losses, model, data, optimizer)."""
-    from transformers import AutoModelForCausalLM, AutoModelForTokenClassification
-
-    from dqo_verl import algo
-    from dqo_verl.data import BatchSpec, build_batch
-
     torch.set_num_threads(os.cpu_count())
-    policy = AutoModelForCausalLM.from_pretrained(cfg.policy.model.path, dtype=torch.float32, attn_implementation="sdpa")
-    value = AutoModelForTokenClassification.from_pretrained(cfg.value.model.path, dtype=torch.float32, attn_implementation="sdpa")
+    policy = AutoModelForCausalLM.from_pretrained(
+        cfg.policy.model.path, dtype=torch.float32, attn_implementation="sdpa"
+    )
+    value = AutoModelForTokenClassification.from_pretrained(
+        cfg.value.model.path, dtype=torch.float32, attn_implementation="sdpa"
+    )
     opts = {
-        m: torch.optim.AdamW(m.parameters(), lr=r.optim.lr, weight_decay=r.optim.weight_decay, betas=tuple(r.optim.betas))
+        m: torch.optim.AdamW(
+            m.parameters(), lr=r.optim.lr, weight_decay=r.optim.weight_decay, betas=tuple(r.optim.betas)
+        )
         for m, r in ((policy, cfg.policy), (value, cfg.value))
     }
     a = cfg.algorithm
-    spec = BatchSpec(pad_token_id=0, granularity=a.granularity)
+    spec = BatchSpec(pad_token_id=0, granularity=a.granularity or "token")
 
     def response_outputs(model, b, kind):
         out = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], position_ids=b["position_ids"]).logits
@@ -78,14 +89,15 @@ def bare_loop(cfg, corpus: pd.DataFrame, batches: list[np.ndarray], warmup: int)
         with torch.no_grad():
             log_ratio = torch.where(mask, response_outputs(policy, b, "log_probs") - b["ref_logprobs"], 0.0)
             values = response_outputs(value, b, "values")
-        a_lr, a_r = algo.collapse_to_actions(log_ratio, ends), algo.collapse_to_actions(b["rewards"], ends)
-        a_v, a_m = algo.values_at_action_starts(values, ends), algo.action_mask(ends)
-        returns = algo.compute_lambda_returns(a_r, a_lr, a_v, a_m, a.beta, a.lam)
-        weights = algo.compute_is_weights(a_lr, a_m, a.is_log_clip)
-        v_loss, _ = algo.dqo_value_loss(algo.values_at_action_starts(response_outputs(value, b, "values"), ends), returns, weights, a_m)
+        t = algo.dqo_targets(log_ratio, values, b["rewards"], ends, a.beta, a.lam, a.is_log_clip)
+        v_loss, _ = algo.dqo_value_loss(
+            algo.values_at_action_starts(response_outputs(value, b, "values"), ends), t.returns, t.weights, t.mask
+        )
         step(value, v_loss)
         lr_grad = torch.where(mask, response_outputs(policy, b, "log_probs") - b["ref_logprobs"], 0.0)
-        p_loss, _ = algo.dqo_policy_loss(algo.collapse_to_actions(lr_grad, ends), a_v, a_r, returns, weights, a_m, a.beta)
+        p_loss, _ = algo.dqo_policy_loss(
+            algo.collapse_to_actions(lr_grad, ends), t.values, t.rewards, t.returns, t.weights, t.mask, a.beta
+        )
         step(policy, p_loss)
         if i >= warmup:
             times.append(time.perf_counter() - start)
@@ -94,10 +106,7 @@ def bare_loop(cfg, corpus: pd.DataFrame, batches: list[np.ndarray], warmup: int)
 
 def ray_loop(cfg, corpus: pd.DataFrame, batches: list[np.ndarray], warmup: int) -> list[float]:
     """Seconds per update of the trainer's train_step through the Ray worker groups."""
-    from dqo_verl.trainer import DQOTrainer
-
-    trainer = DQOTrainer(cfg, corpus)
-    try:
+    with make_trainer(cfg, corpus) as trainer:
         times = []
         for i, idx in enumerate(batches):
             start = time.perf_counter()
@@ -105,8 +114,6 @@ def ray_loop(cfg, corpus: pd.DataFrame, batches: list[np.ndarray], warmup: int) 
             if i >= warmup:
                 times.append(time.perf_counter() - start)
         return times
-    finally:
-        trainer.shutdown()
 
 
 def main() -> None:
@@ -120,40 +127,49 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=6)
     args = parser.parse_args()
 
-    from dqo_verl.data import epoch_batches
-    from dqo_verl.main import compose_config
-    from dqo_verl.tiny_model import build_tiny_policy, build_value_model
-    from dqo_verl.trainer import init_ray, load_training_corpus
-
     work = Path(tempfile.mkdtemp(prefix="bench-train-"))
-    policy = build_tiny_policy(work / "policy", seed=0, hidden_size=args.hidden, num_layers=args.layers,
-                               num_heads=args.hidden // 64, intermediate_size=3 * args.hidden)
+    policy = build_tiny_policy(
+        work / "policy",
+        seed=0,
+        hidden_size=args.hidden,
+        num_layers=args.layers,
+        num_heads=args.hidden // 64,
+        intermediate_size=3 * args.hidden,
+    )
     value = build_value_model(policy, work / "value", seed=0)
     rows = args.batch * (args.steps + args.warmup)
     make_corpus(work / "corpus.parquet", rows, args.prompt_len, args.response_len, vocab=250, seed=0)
     micro = args.batch // 2
     base = [
-        f"data.train_files={work / 'corpus.parquet'}", f"policy.model.path={policy}", f"value.model.path={value}",
-        f"trainer.output_dir={work / 'out'}", f"data.train_batch_size={args.batch}",
-        f"data.max_response_length={args.response_len + 1}", f"data.max_prompt_length={args.prompt_len}",
-        *[f"{r}.engine.{k}={micro}" for r in ("policy", "value") for k in ("micro_batch_size_per_gpu", "infer_micro_batch_size_per_gpu")],
+        f"data.train_files={work / 'corpus.parquet'}",
+        f"policy.model.path={policy}",
+        f"value.model.path={value}",
+        f"trainer.output_dir={work / 'out'}",
+        f"data.train_batch_size={args.batch}",
+        f"data.max_response_length={args.response_len + 1}",
+        f"data.max_prompt_length={args.prompt_len}",
+        *[
+            f"{r}.engine.{k}={micro}"
+            for r in ("policy", "value")
+            for k in ("micro_batch_size_per_gpu", "infer_micro_batch_size_per_gpu")
+        ],
     ]
-    configs = {g: compose_config("tiny_cpu", [*base, f"algorithm.granularity={g}"]) for g in ("token", "sequence")}
-    corpus = load_training_corpus(configs["token"])
+    configs = {name: compose_config("tiny_cpu", [*base, f"algorithm.name={name}"]) for name in ("dqo", "dro")}
+    corpus = load_corpus(configs["dqo"], DQOTrainer.required_columns, [str(policy), str(value)])
     batches = epoch_batches(len(corpus), args.batch, seed=0, epoch=0)
     tokens = [int(corpus.iloc[idx]["response_ids"].map(len).sum()) for idx in batches[args.warmup :]]
 
-    results = {"bare PyTorch loop (DQO)": bare_loop(configs["token"], corpus, batches, args.warmup)}
-    init_ray(configs["token"])
-    results["Ray groups, DQO (token)"] = ray_loop(configs["token"], corpus, batches, args.warmup)
-    results["Ray groups, DRO (sequence)"] = ray_loop(configs["sequence"], corpus, batches, args.warmup)
-
-    from transformers import AutoConfig
+    results = {"bare PyTorch loop (DQO)": bare_loop(configs["dqo"], corpus, batches, args.warmup)}
+    init_ray(configs["dqo"])
+    results["Ray groups, DQO (token)"] = ray_loop(configs["dqo"], corpus, batches, args.warmup)
+    results["Ray groups, DRO (sequence)"] = ray_loop(configs["dro"], corpus, batches, args.warmup)
 
     c = AutoConfig.from_pretrained(policy)
-    print(f"\nmodel: Qwen2 hidden {c.hidden_size}, {c.num_hidden_layers} layers; batch {args.batch} responses of "
-          f"~{statistics.mean(tokens) / args.batch:.0f} tokens (+{args.prompt_len} prompt); {args.steps} timed updates "
-          f"after {args.warmup} warm-up; {os.cpu_count()} CPU cores; Ray: 2 ranks per group (FSDP2, gloo)")
+    print(
+        f"\nmodel: Qwen2 hidden {c.hidden_size}, {c.num_hidden_layers} layers; batch {args.batch} responses of "
+        f"~{statistics.mean(tokens) / args.batch:.0f} tokens (+{args.prompt_len} prompt); {args.steps} timed updates "
+        f"after {args.warmup} warm-up; {os.cpu_count()} CPU cores; Ray: 2 ranks per group (FSDP2, gloo)"
+    )
     print(f"{'path':<30} {'s/update':>10} {'resp tok/s':>12}")
     rate = {}
     for name, times in results.items():

@@ -18,7 +18,6 @@ the action mask is `action_mask(action_ends)`.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 
@@ -44,7 +43,7 @@ def last_token_mask(response_mask: torch.Tensor) -> torch.Tensor:
 
 
 def compute_action_ends(
-    response_mask: torch.Tensor, granularity: str, segment_ends: Optional[torch.Tensor] = None
+    response_mask: torch.Tensor, granularity: str, segment_ends: torch.Tensor | None = None
 ) -> torch.Tensor:
     """Bool [B, T]: True at the last token of each action.
 
@@ -72,7 +71,7 @@ def _action_index(action_ends: torch.Tensor) -> torch.Tensor:
 def _tokens_in_actions(action_ends: torch.Tensor) -> torch.Tensor:
     """Bool [B, T]: tokens up to the last action end (those that belong to an action)."""
     ends = action_ends.long()
-    return (ends.flip(1).cumsum(dim=1).flip(1) > 0)
+    return ends.flip(1).cumsum(dim=1).flip(1) > 0
 
 
 def action_mask(action_ends: torch.Tensor) -> torch.Tensor:
@@ -152,7 +151,7 @@ def dqo_value_loss(
     returns: torch.Tensor,
     weights: torch.Tensor,
     response_mask: torch.Tensor,
-    normalizer: Optional[float] = None,
+    normalizer: float | None = None,
 ) -> tuple[torch.Tensor, dict]:
     """L_V = sum_{b,t} m * w_b * (G_bt - V_phi(s_bt))^2 / sum m (eq. 4.3, 4.6); gradient only through `values`.
 
@@ -179,7 +178,7 @@ def dqo_policy_loss(
     weights: torch.Tensor,
     response_mask: torch.Tensor,
     beta: float,
-    normalizer: Optional[float] = None,
+    normalizer: float | None = None,
 ) -> tuple[torch.Tensor, dict]:
     """L_pi = sum m * w_b * (Vbar_t + beta * log_ratio_t - r_t - G_{t+1})^2 / sum m  (eq. 4.5, 4.7).
 

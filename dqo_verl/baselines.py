@@ -100,8 +100,13 @@ def plot_histograms(corpus: pd.DataFrame, out_dir: Path) -> list[Path]:
     fig = Figure(figsize=(6, 4))
     ax = fig.subplots()
     bins = 40
-    ax.hist([lengths[corpus["score"] == 1], lengths[corpus["score"] == 0]], bins=bins, stacked=True,
-            label=["correct", "incorrect"], color=["tab:green", "tab:red"])
+    ax.hist(
+        [lengths[corpus["score"] == 1], lengths[corpus["score"] == 0]],
+        bins=bins,
+        stacked=True,
+        label=["correct", "incorrect"],
+        color=["tab:green", "tab:red"],
+    )
     ax.set(xlabel="response length (tokens)", ylabel="responses", title="Response length")
     ax.legend()
     paths.append(out_dir / "response_length.png")

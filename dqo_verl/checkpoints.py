@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from verl.utils.checkpoint.checkpoint_manager import get_checkpoint_tracker_filename
 
@@ -60,7 +60,9 @@ class CheckpointDir:
             return []
         tracked = self.latest()
         steps = sorted(
-            (int(p.name.rsplit("_", 1)[1]), p) for p in self.root.glob("global_step_*") if p.name.rsplit("_", 1)[1].isdigit()
+            (int(p.name.rsplit("_", 1)[1]), p)
+            for p in self.root.glob("global_step_*")
+            if p.name.rsplit("_", 1)[1].isdigit()
         )
         removed = [p for _, p in steps[:-keep] if p != tracked]
         for p in removed:

@@ -24,8 +24,8 @@ from dqo_verl.cli import InputError
 from dqo_verl.data import write_parquet_atomic
 from dqo_verl.grading import grade_many
 from dqo_verl.prompts import ANSWER_FORMAT_OF, answer_format
-from dqo_verl.rollout import RolloutGroup, engines_per_node, sample_seed, sampling_params
-from dqo_verl.workers import init_ray
+from dqo_verl.rollout import RolloutGroup, sample_seed, sampling_params
+from dqo_verl.workers import engines_per_node, init_ray
 
 PROMPT_FIELDS = ("data_source", "prompt", "ability", "reward_model", "extra_info")
 
@@ -38,7 +38,12 @@ def generate_samples(
     starts = list(range(0, len(prompts), shard_prompts))
     done = {s for s in starts if (shard_dir / f"shard_{s:08d}.parquet").exists()}
     todo = [s for s in starts if s not in done]
-    bar = tqdm(total=len(prompts), initial=sum(min(shard_prompts, len(prompts) - s) for s in done), desc="corpus", unit="prompt")
+    bar = tqdm(
+        total=len(prompts),
+        initial=sum(min(shard_prompts, len(prompts) - s) for s in done),
+        desc="corpus",
+        unit="prompt",
+    )
     tokens, t0 = 0, time.perf_counter()
     for start in todo:
         chunk = prompts.iloc[start : start + shard_prompts]
@@ -49,8 +54,15 @@ def generate_samples(
         rows = []
         for (uid, k), out in zip(requests, outs):
             src = chunk.iloc[uid - start]
-            rows.append({**{f: src[f] for f in PROMPT_FIELDS if f in src}, "uid": uid, "sample": k,
-                         "prompt_ids": list(src["prompt_ids"]), **out})
+            rows.append(
+                {
+                    **{f: src[f] for f in PROMPT_FIELDS if f in src},
+                    "uid": uid,
+                    "sample": k,
+                    "prompt_ids": list(src["prompt_ids"]),
+                    **out,
+                }
+            )
             tokens += len(out["response_ids"])
         write_parquet_atomic(pd.DataFrame(rows), shard_dir / f"shard_{start:08d}.parquet")
         bar.update(len(chunk))
@@ -71,17 +83,23 @@ def run(cfg: DictConfig) -> Path:
     prompts = pd.read_parquet(data / "prompts.parquet")
     r = cfg.rollout
     init_ray(cfg)
-    group = RolloutGroup(OmegaConf.to_container(r, resolve=True), cfg.policy.model.path, cfg.trainer.nnodes, engines_per_node(cfg))
+    group = RolloutGroup(
+        OmegaConf.to_container(r, resolve=True), cfg.policy.model.path, cfg.trainer.nnodes, engines_per_node(cfg)
+    )
     print(f"[corpus] {len(prompts)} prompts x {r.n} samples on {group.engines} {group.backend} engine(s)")
     try:
-        samples = generate_samples(prompts, group, r.n, r.seed, sampling_params(r), data / "samples_shards", r.shard_prompts)
+        samples = generate_samples(
+            prompts, group, r.n, r.seed, sampling_params(r), data / "samples_shards", r.shard_prompts
+        )
     finally:
         group.shutdown()
     out = data / "samples.parquet"
     write_parquet_atomic(samples, out)
     lengths = samples["response_ids"].map(len)
-    print(f"[corpus] {len(samples)} samples, mean length {lengths.mean():.1f} tokens, "
-          f"{(samples['finish_reason'] == 'length').mean():.1%} cut at max_tokens -> {out}")
+    print(
+        f"[corpus] {len(samples)} samples, mean length {lengths.mean():.1f} tokens, "
+        f"{(samples['finish_reason'] == 'length').mean():.1%} cut at max_tokens -> {out}"
+    )
     return out
 
 

@@ -14,11 +14,10 @@ import re
 import types
 import warnings
 from contextlib import contextmanager
-from typing import Any, Optional
+from typing import Any
 
 import psutil
 import torch
-
 from verl.plugin.platform import PlatformBase, PlatformRegistry, get_platform
 
 
@@ -93,7 +92,7 @@ class PlatformCPU(PlatformBase):
     def set_device(self, device_index: int) -> None:
         return None
 
-    def synchronize(self, device_index: Optional[int] = None) -> None:
+    def synchronize(self, device_index: int | None = None) -> None:
         return None
 
     def manual_seed(self, seed: int) -> None:
@@ -108,7 +107,7 @@ class PlatformCPU(PlatformBase):
     def empty_cache(self) -> None:
         return None
 
-    def get_device_capability(self, device_index: int = 0) -> tuple[Optional[int], Optional[int]]:
+    def get_device_capability(self, device_index: int = 0) -> tuple[int | None, int | None]:
         return None, None
 
     def communication_backend_name(self) -> str:
@@ -191,5 +190,9 @@ def cpu_platform_active() -> bool:
 
 # the FSDP engines for device `cpu` (looked up only on the CPU platform; a GPU machine never sees them)
 if "cpu" not in EngineRegistry._engines.get("language_model", {}).get("fsdp2", {}):
-    EngineRegistry.register(model_type="language_model", backend=["fsdp", "fsdp2"], device="cpu")(CPUFSDPEngineWithLMHead)
-    EngineRegistry.register(model_type="value_model", backend=["fsdp", "fsdp2"], device="cpu")(CPUFSDPEngineWithValueHead)
+    EngineRegistry.register(model_type="language_model", backend=["fsdp", "fsdp2"], device="cpu")(
+        CPUFSDPEngineWithLMHead
+    )
+    EngineRegistry.register(model_type="value_model", backend=["fsdp", "fsdp2"], device="cpu")(
+        CPUFSDPEngineWithValueHead
+    )

@@ -20,7 +20,6 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 from tensordict import TensorDict
-
 from verl.utils import tensordict_utils as tu
 
 from dqo_verl import algo
@@ -107,7 +106,9 @@ def validate_corpus(
         if (row := _first(~np.isfinite(values))) is not None:
             raise CorpusError(path, row, "score", f"reward is {values[row]}")
     n = lengths["response_ids"]
-    for row, rec in enumerate(df[[c for c in ("segment_ends", "process_rewards", "ref_logprobs") if c in df]].itertuples(index=False)):
+    for row, rec in enumerate(
+        df[[c for c in ("segment_ends", "process_rewards", "ref_logprobs") if c in df]].itertuples(index=False)
+    ):
         rec = rec._asdict()
         ends = rec.get("segment_ends")
         if ends is not None and len(ends) and (min(ends) < 0 or max(ends) >= n[row]):
@@ -246,7 +247,9 @@ def build_batch(rows: pd.DataFrame, spec: BatchSpec) -> TensorDict:
                 idx = torch.tensor(np.asarray(ends), dtype=torch.long)
                 rewards[i].index_add_(0, idx, torch.tensor(np.asarray(prs), dtype=torch.float32))
     if "ref_logprobs" in rows.columns:
-        ref_logprobs = _pad([np.asarray(x, dtype=np.float32) for x in rows["ref_logprobs"]], rlen, 0.0, False, torch.float32)
+        ref_logprobs = _pad(
+            [np.asarray(x, dtype=np.float32) for x in rows["ref_logprobs"]], rlen, 0.0, False, torch.float32
+        )
     else:
         ref_logprobs = torch.zeros(b, rlen, dtype=torch.float32)
     action_ends = algo.compute_action_ends(
@@ -269,6 +272,6 @@ def build_batch(rows: pd.DataFrame, spec: BatchSpec) -> TensorDict:
 
 
 def epoch_batches(num_rows: int, batch_size: int, seed: int, epoch: int, shuffle: bool = True) -> list[np.ndarray]:
-    """Row indices of each update in `epoch`: a permutation fixed by (seed, epoch); the last partial batch is dropped."""
+    """Row indices of each update in `epoch`: a permutation fixed by (seed, epoch); a last partial batch is dropped."""
     order = np.random.default_rng([seed, epoch]).permutation(num_rows) if shuffle else np.arange(num_rows)
     return [order[i * batch_size : (i + 1) * batch_size] for i in range(num_rows // batch_size)]

@@ -17,8 +17,9 @@ import math
 import os
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, ClassVar
+from typing import ClassVar
 
 import numpy as np
 import pandas as pd
@@ -28,6 +29,12 @@ from safetensors import safe_open
 from tensordict import TensorDict
 from tqdm import tqdm
 from transformers import AutoConfig
+from verl.utils import hf_tokenizer
+from verl.utils import tensordict_utils as tu
+from verl.utils.device import get_device_name
+from verl.utils.metric import reduce_metrics
+from verl.utils.tracking import Tracking
+from verl.workers.utils.padding import left_right_2_no_padding, no_padding_2_padding
 
 from dqo_verl import ref_cache
 from dqo_verl.checkpoints import COMPLETE_MARKER, CheckpointDir
@@ -44,12 +51,6 @@ from dqo_verl.workers import (
     start_groups,
     with_meta,
 )
-from verl.utils import hf_tokenizer
-from verl.utils import tensordict_utils as tu
-from verl.utils.device import get_device_name
-from verl.utils.metric import reduce_metrics
-from verl.utils.tracking import Tracking
-from verl.workers.utils.padding import left_right_2_no_padding, no_padding_2_padding
 
 # what a forward pass of each verl model type returns per response token
 OUTPUT_OF = {"language_model": "log_probs", "value_model": "values"}
@@ -151,7 +152,9 @@ class Trainer:
                     )
         self.steps_per_epoch = len(self.corpus) // self.batch_size
         if self.steps_per_epoch == 0:
-            raise InputError(f"{self.corpus_path}: {len(self.corpus)} rows, fewer than data.train_batch_size={self.batch_size}")
+            raise InputError(
+                f"{self.corpus_path}: {len(self.corpus)} rows, fewer than data.train_batch_size={self.batch_size}"
+            )
         self.total_steps = self.steps_per_epoch * config.trainer.total_epochs
         if config.trainer.total_training_steps is not None:
             self.total_steps = min(self.total_steps, config.trainer.total_training_steps)
@@ -202,7 +205,10 @@ class Trainer:
                 "language_model",
                 OmegaConf.merge(
                     self.sections["policy"],
-                    {"model": {"path": c.ref.path}, "engine": {"infer_micro_batch_size_per_gpu": c.ref.micro_batch_size_per_gpu}},
+                    {
+                        "model": {"path": c.ref.path},
+                        "engine": {"infer_micro_batch_size_per_gpu": c.ref.micro_batch_size_per_gpu},
+                    },
                 ),
                 forward_only=True,
             )
@@ -218,7 +224,7 @@ class Trainer:
             release_pool(self.pool)
             self.pool = None
 
-    def __enter__(self) -> "Trainer":
+    def __enter__(self) -> Trainer:
         self.start()
         return self
 
@@ -234,7 +240,9 @@ class Trainer:
             for role in roles
         }
         return {
-            role: no_padding_2_padding(tu.get(call.result(f"at step {step + 1}"), OUTPUT_OF[self.roles[role]]), td).float()
+            role: no_padding_2_padding(
+                tu.get(call.result(f"at step {step + 1}"), OUTPUT_OF[self.roles[role]]), td
+            ).float()
             for role, call in calls.items()
         }
 
@@ -259,7 +267,9 @@ class Trainer:
             calls[role] = self.groups[role].call("train_mini_batch", role_td)
         metrics = {}
         for role, call in calls.items():
-            values = {k: float(v) for k, v in reduce_metrics(tu.get(call.result(f"at step {step + 1}"), "metrics")).items()}
+            values = {
+                k: float(v) for k, v in reduce_metrics(tu.get(call.result(f"at step {step + 1}"), "metrics")).items()
+            }
             for key in ("loss", "grad_norm"):
                 if not math.isfinite(values.get(key, 0.0)):
                     raise RunError(
@@ -306,7 +316,9 @@ class Trainer:
         path = Path(path)
         state = json.loads((path / COMPLETE_MARKER).read_text())
         if state["steps_per_epoch"] != self.steps_per_epoch:
-            raise ValueError(f"{path}: saved with {state['steps_per_epoch']} updates per epoch, now {self.steps_per_epoch}")
+            raise ValueError(
+                f"{path}: saved with {state['steps_per_epoch']} updates per epoch, now {self.steps_per_epoch}"
+            )
         for role, group in self.groups.items():
             group.load(str(path / role))
         print(f"[resume] {path} (global step {state['global_step']})")
@@ -362,9 +374,13 @@ class Trainer:
                 {"perf/step_time_s": elapsed, "perf/response_tokens_per_s": tokens / elapsed, "train/epoch": epoch + 1}
             )
             tracking.log(data=metrics, step=step)
-            step_log.write({"step": step, "epoch": epoch, "batch": index, "rows_sha1": _rows_digest(batches[index]), **metrics})
+            step_log.write(
+                {"step": step, "epoch": epoch, "batch": index, "rows_sha1": _rows_digest(batches[index]), **metrics}
+            )
             self.history.append(metrics)
-            bar.set_postfix(epoch=epoch + 1, tok_s=f"{tokens / elapsed:.0f}", loss=f"{metrics.get('policy/loss', math.nan):.4f}")
+            bar.set_postfix(
+                epoch=epoch + 1, tok_s=f"{tokens / elapsed:.0f}", loss=f"{metrics.get('policy/loss', math.nan):.4f}"
+            )
             bar.update(1)
             end_of_epoch = index == self.steps_per_epoch - 1
             save_freq = config.trainer.save_freq
@@ -379,7 +395,9 @@ class Trainer:
         exported = self.export(last_ckpt)
         tracking.finish()
         print(f"[done] checkpoints: {self.checkpoints.root.resolve()}")
-        print(f"[done] logs: {os.environ['TENSORBOARD_DIR']} (tensorboard), {(self.out_dir / 'metrics.jsonl').resolve()}")
+        print(
+            f"[done] logs: {os.environ['TENSORBOARD_DIR']} (tensorboard), {(self.out_dir / 'metrics.jsonl').resolve()}"
+        )
         for role, path in exported.items():
             print(f"[done] final {role} (HF format): {path.resolve()}")
         return metrics

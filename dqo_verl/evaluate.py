@@ -33,8 +33,8 @@ from dqo_verl.prompts import (
     build_synthetic_prompts,
     synthetic_difficulty,
 )
-from dqo_verl.rollout import RolloutGroup, engines_per_node, sample_seed
-from dqo_verl.workers import init_ray
+from dqo_verl.rollout import RolloutGroup, sample_seed
+from dqo_verl.workers import engines_per_node, init_ray
 
 GREEDY = {"temperature": 0.0, "top_p": 1.0, "top_k": 0, "min_p": 0.0}
 
@@ -65,8 +65,11 @@ def summarize(samples: pd.DataFrame, pass_k: list[int]) -> dict:
             res = {"accuracy": float(g["score"].mean()), "n": int(len(g))}
         elif g.groupby(["seed", "uid"]).size().max() > 1:  # several samples per problem (AIME)
             per_problem = g.groupby("uid")["score"].agg(["size", "sum"])
-            res = {"accuracy": float(g["score"].mean()), "n": int(per_problem.shape[0]),
-                   "samples_per_problem": int(per_problem["size"].iloc[0])}
+            res = {
+                "accuracy": float(g["score"].mean()),
+                "n": int(per_problem.shape[0]),
+                "samples_per_problem": int(per_problem["size"].iloc[0]),
+            }
             for k in pass_k:
                 if k <= per_problem["size"].min():
                     res[f"pass@{k}"] = float(np.mean([pass_at_k(int(n), int(c), k) for n, c in per_problem.values]))
@@ -104,28 +107,58 @@ def seen_questions(data_dir: Path) -> set[str]:
 def eval_prompts(name: str, spec: DictConfig, seed: int, data_dir: Path) -> pd.DataFrame:
     """The first `limit` problems of an evaluation set (prompt rows, training templates)."""
     if name == "synthetic":
-        df = build_synthetic_prompts(spec.limit, seed=10**6 + seed, exclude=seen_questions(data_dir), split="test",
-                                     difficulty=synthetic_difficulty(spec.get("difficulty")))
+        df = build_synthetic_prompts(
+            spec.limit,
+            seed=10**6 + seed,
+            exclude=seen_questions(data_dir),
+            split="test",
+            difficulty=synthetic_difficulty(spec.get("difficulty")),
+        )
     elif name == "reasoning_gym":
-        df = build_reasoning_gym_prompts(spec.task, spec.limit, seed=10**6 + seed, split="test", config=spec.get("config"),
-                                         exclude=seen_questions(data_dir))
+        df = build_reasoning_gym_prompts(
+            spec.task,
+            spec.limit,
+            seed=10**6 + seed,
+            split="test",
+            config=spec.get("config"),
+            exclude=seen_questions(data_dir),
+        )
     else:
         df, _ = build_prompts(spec.get("dataset", name), spec.get("path"), spec.get("split", "test"))
     limit = spec.get("limit")
     return df.head(limit).reset_index(drop=True) if limit else df
 
 
-def sample_and_grade(group: RolloutGroup, prompts: pd.DataFrame, n: int, seed: int, params: dict,
-                     workers: int | None = None, desc: str = "grading") -> list[dict]:
+def sample_and_grade(
+    group: RolloutGroup,
+    prompts: pd.DataFrame,
+    n: int,
+    seed: int,
+    params: dict,
+    workers: int | None = None,
+    desc: str = "grading",
+) -> list[dict]:
     """`n` samples of every prompt (rows with `prompt_ids`), graded: one dict per sample, in (prompt, sample) order."""
     requests = [(uid, j) for uid in range(len(prompts)) for j in range(n)]
-    outs = group.generate([prompts.iloc[u]["prompt_ids"] for u, _ in requests],
-                          [sample_seed(seed, u, j) for u, j in requests], params)
-    graded = grade_many([(o["response"], prompts.iloc[u]["reward_model"]["ground_truth"],
-                          answer_format(prompts.iloc[u]["data_source"])) for (u, _), o in zip(requests, outs)],
-                        workers, desc=desc)
-    return [{"uid": u, "sample": j, "response": o["response"], "finish_reason": o["finish_reason"], **g}
-            for (u, j), o, g in zip(requests, outs, graded)]
+    outs = group.generate(
+        [prompts.iloc[u]["prompt_ids"] for u, _ in requests], [sample_seed(seed, u, j) for u, j in requests], params
+    )
+    graded = grade_many(
+        [
+            (
+                o["response"],
+                prompts.iloc[u]["reward_model"]["ground_truth"],
+                answer_format(prompts.iloc[u]["data_source"]),
+            )
+            for (u, _), o in zip(requests, outs)
+        ],
+        workers,
+        desc=desc,
+    )
+    return [
+        {"uid": u, "sample": j, "response": o["response"], "finish_reason": o["finish_reason"], **g}
+        for (u, j), o, g in zip(requests, outs, graded)
+    ]
 
 
 def greedy_accuracy(group: RolloutGroup, prompts: pd.DataFrame, max_tokens: int, workers: int | None = None) -> float:
@@ -146,10 +179,27 @@ def evaluate_model(group: RolloutGroup, name: str, path: str, datasets: dict, cf
         seeds = [e.sampling.seeds[0]] if per_problem > 1 else list(e.sampling.seeds)
         runs += [("sample", s, per_problem, sampling) for s in seeds]
         for decoding, seed, n, params in runs:
-            results = sample_and_grade(group, prompts, n, seed, {**params, "max_tokens": e.max_tokens}, cfg.score.workers,
-                                       desc=f"grading {dataset}")
-            rows += [{"model": name, "path": path, "dataset": dataset, "decoding": decoding, "seed": seed,
-                      "prompt": prompts.iloc[r["uid"]]["prompt"][0]["content"], **r} for r in results]
+            results = sample_and_grade(
+                group,
+                prompts,
+                n,
+                seed,
+                {**params, "max_tokens": e.max_tokens},
+                cfg.score.workers,
+                desc=f"grading {dataset}",
+            )
+            rows += [
+                {
+                    "model": name,
+                    "path": path,
+                    "dataset": dataset,
+                    "decoding": decoding,
+                    "seed": seed,
+                    "prompt": prompts.iloc[r["uid"]]["prompt"][0]["content"],
+                    **r,
+                }
+                for r in results
+            ]
     return rows
 
 
@@ -173,7 +223,10 @@ def run(cfg: DictConfig) -> dict:
         raise InputError(f"evaluate.names has {len(names)} labels for {len(models)} evaluate.models")
     datasets = {d: eval_prompts(d, e.datasets[d], cfg.trainer.seed, Path(cfg.paths.data)) for d in e.sets}
     init_ray(cfg)
-    rollout = {**OmegaConf.to_container(cfg.rollout, resolve=True), "max_model_len": cfg.data.max_prompt_length + e.max_tokens}
+    rollout = {
+        **OmegaConf.to_container(cfg.rollout, resolve=True),
+        "max_model_len": cfg.data.max_prompt_length + e.max_tokens,
+    }
     group = RolloutGroup(rollout, models[0], cfg.trainer.nnodes, engines_per_node(cfg))
     rows = []
     try:
@@ -181,7 +234,9 @@ def run(cfg: DictConfig) -> dict:
             if i:
                 group.load(model)
             tokenizer = hf_tokenizer(model)
-            rows += evaluate_model(group, name, model, {d: add_prompt_ids(p, tokenizer) for d, p in datasets.items()}, cfg)
+            rows += evaluate_model(
+                group, name, model, {d: add_prompt_ids(p, tokenizer) for d, p in datasets.items()}, cfg
+            )
     finally:
         group.shutdown()
     samples = pd.DataFrame(rows)

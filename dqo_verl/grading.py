@@ -100,9 +100,23 @@ def normalize_answer(ans: str) -> str:
     s = str(ans).strip().replace("\n", "").rstrip(".")
     s = re.sub(r"(\d)\s*\\(?:text|mbox|mathrm)\{\s*[a-zA-Z][a-zA-Z ]*\}", r"\1", s)  # "10\text{ cm}" -> "10"
     s = re.sub(r"\\(?:text|mbox|mathrm)\{\s*([^{}]*?)\s*\}", r"\1", s)
-    for old, new in (("\\!", ""), ("\\,", ""), ("\\;", ""), ("\\ ", ""), ("\\left", ""), ("\\right", ""),
-                     ("tfrac", "frac"), ("dfrac", "frac"), ("^{\\circ}", ""), ("^\\circ", ""), ("\\$", ""),
-                     ("$", ""), ("\\%", ""), ("%", ""), ("\\displaystyle", "")):
+    for old, new in (
+        ("\\!", ""),
+        ("\\,", ""),
+        ("\\;", ""),
+        ("\\ ", ""),
+        ("\\left", ""),
+        ("\\right", ""),
+        ("tfrac", "frac"),
+        ("dfrac", "frac"),
+        ("^{\\circ}", ""),
+        ("^\\circ", ""),
+        ("\\$", ""),
+        ("$", ""),
+        ("\\%", ""),
+        ("%", ""),
+        ("\\displaystyle", ""),
+    ):
         s = s.replace(old, new)
     # "x = 5" -> "5" when the left side is a single variable
     s = re.sub(r"^[a-zA-Z]\s*=\s*", "", s)
@@ -191,7 +205,9 @@ def _grade_rows(rows: list[tuple[str, str, str]]) -> list[dict]:
     return [grade(*row) for row in rows]
 
 
-def grade_many(rows: list[tuple[str, str, str]], workers: int | None = None, chunk: int = 64, desc: str = "grading") -> list[dict]:
+def grade_many(
+    rows: list[tuple[str, str, str]], workers: int | None = None, chunk: int = 64, desc: str = "grading"
+) -> list[dict]:
     """`grade(*row)` for every (response, ground_truth, answer_format), in a process pool, in order.
 
     The pool does not fork the caller (see `_POOL_CONTEXT`), so a script calling this must, as with
@@ -210,5 +226,3 @@ def grade_many(rows: list[tuple[str, str, str]], workers: int | None = None, chu
         _pool.cache_clear()  # a worker died: the next call starts a fresh pool
         raise
     return results
-
-

@@ -21,8 +21,14 @@ from transformers import AutoModelForTokenClassification, AutoTokenizer
 from dqo_verl.process import segment_ends
 
 
-def segment_values(model, tokenizer, prompt_ids: list[int], response_ids: list[int], separator: str = "\n\n",
-                   max_segments: int | None = None) -> pd.DataFrame:
+def segment_values(
+    model,
+    tokenizer,
+    prompt_ids: list[int],
+    response_ids: list[int],
+    separator: str = "\n\n",
+    max_segments: int | None = None,
+) -> pd.DataFrame:
     """One row per state: 0 = after the prompt, i = after segment i (the last segment's end is terminal)."""
     ids = list(prompt_ids) + list(response_ids)
     with torch.no_grad():
@@ -32,7 +38,9 @@ def segment_values(model, tokenizer, prompt_ids: list[int], response_ids: list[i
     starts = [-1] + ends[:-1]  # the state after segment i is read at the position of its last token
     rows = []
     for i, e in enumerate(starts):
-        seg_text = tokenizer.decode(list(response_ids)[starts[i - 1] + 1 : e + 1], skip_special_tokens=True) if i else ""
+        seg_text = (
+            tokenizer.decode(list(response_ids)[starts[i - 1] + 1 : e + 1], skip_special_tokens=True) if i else ""
+        )
         rows.append({"segment": i, "token": e + 1, "value": float(v[p + e]), "text": seg_text})
     return pd.DataFrame(rows)
 
@@ -66,15 +74,26 @@ def main(argv: list[str] | None = None) -> None:
     model = AutoModelForTokenClassification.from_pretrained(args.value_model, dtype=torch.float32).eval()
     items = []
     if args.prompt is not None:
-        prompt_ids = tokenizer.apply_chat_template([{"role": "user", "content": args.prompt}], add_generation_prompt=True,
-                                                   tokenize=True)["input_ids"]
-        items.append(("response", prompt_ids, tokenizer(args.response, add_special_tokens=False)["input_ids"], None, None))
+        prompt_ids = tokenizer.apply_chat_template(
+            [{"role": "user", "content": args.prompt}], add_generation_prompt=True, tokenize=True
+        )["input_ids"]
+        items.append(
+            ("response", prompt_ids, tokenizer(args.response, add_special_tokens=False)["input_ids"], None, None)
+        )
     else:
         corpus = pd.read_parquet(args.corpus)
         for r in args.rows:
             rec = corpus.iloc[r]
             prefix = rec["correct_prefix"] if "correct_prefix" in corpus else None
-            items.append((f"row {r} (score {rec.get('score', '?')})", rec["prompt_ids"], rec["response_ids"], prefix, rec.get("score")))
+            items.append(
+                (
+                    f"row {r} (score {rec.get('score', '?')})",
+                    rec["prompt_ids"],
+                    rec["response_ids"],
+                    prefix,
+                    rec.get("score"),
+                )
+            )
     curves = {}
     for label, prompt_ids, response_ids, prefix, score in items:
         df = segment_values(model, tokenizer, prompt_ids, response_ids)

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import torch
 from tensordict import TensorDict
-
 from verl.utils import tensordict_utils as tu
 from verl.utils.metric import AggregationType, Metric
 from verl.workers.utils.padding import no_padding_2_padding

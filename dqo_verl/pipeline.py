@@ -26,9 +26,9 @@ import json
 import os
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import ray
 from omegaconf import DictConfig, ListConfig, OmegaConf
@@ -39,10 +39,29 @@ from dqo_verl.data import write_json_atomic
 from dqo_verl.trainers import TRAINERS
 
 # what a corpus depends on in the rollout section (not engine counts, cache sizes or shard sizes)
-SAMPLING = ("rollout.backend", "rollout.dtype", "rollout.temperature", "rollout.top_p", "rollout.top_k",
-            "rollout.min_p", "rollout.max_tokens", "rollout.seed")
-TRAINING = ("algorithm", "data", "policy", "value", "ref", "checkpoint", "trainer.total_epochs",
-            "trainer.total_training_steps", "trainer.seed", "trainer.nnodes", "trainer.n_gpus_per_node")
+SAMPLING = (
+    "rollout.backend",
+    "rollout.dtype",
+    "rollout.temperature",
+    "rollout.top_p",
+    "rollout.top_k",
+    "rollout.min_p",
+    "rollout.max_tokens",
+    "rollout.seed",
+)
+TRAINING = (
+    "algorithm",
+    "data",
+    "policy",
+    "value",
+    "ref",
+    "checkpoint",
+    "trainer.total_epochs",
+    "trainer.total_training_steps",
+    "trainer.seed",
+    "trainer.nnodes",
+    "trainer.n_gpus_per_node",
+)
 
 
 def _data(cfg: DictConfig, *names: str) -> list[str]:
@@ -70,59 +89,118 @@ class Stage:
 
 
 STAGES: tuple[Stage, ...] = (
-    Stage("base", models.base,
-          outputs=lambda c: [c.models.base.out] if c.models.base else [],
-          keys=("models.base",)),
-    Stage("sft", sft.run,
-          outputs=lambda c: [c.sft.out, *_data(c, "sft.parquet", "dev.parquet", "sft_tokens.parquet")] if c.sft else [],
-          inputs=lambda c: [c.sft.model],
-          keys=("sft", "dataset.difficulty", "policy.engine", "policy.optim", "checkpoint", "data.max_prompt_length",
-                "data.max_response_length", "trainer.nnodes", "trainer.n_gpus_per_node", "rollout.backend",
-                "rollout.dtype", "evaluate.max_tokens"),
-          partial=lambda c: [c.sft.run_dir]),
-    Stage("value", models.value,
-          outputs=lambda c: [c.models.value.out] if c.models.value else [],
-          inputs=lambda c: [c.models.value.source],
-          keys=("models.value",)),
-    Stage("prompts", prompts.prepare,
-          outputs=lambda c: _data(c, "prompts.parquet") + (_data(c, "sft.parquet") if c.get("sft_dataset") else []),
-          inputs=lambda c: [c.policy.model.path],
-          keys=("dataset", "sft_dataset")),
-    Stage("corpus", corpus.run,
-          outputs=lambda c: _data(c, "samples.parquet"),
-          inputs=lambda c: [*_data(c, "prompts.parquet"), c.policy.model.path],
-          keys=("rollout.n", *SAMPLING),
-          partial=lambda c: _data(c, "samples_shards")),
-    Stage("score", corpus.score,
-          outputs=lambda c: _data(c, "corpus.parquet"),
-          inputs=lambda c: _data(c, "samples.parquet")),
-    Stage("process", process.run,
-          outputs=lambda c: _data(c, "corpus_ps.parquet", "process_stats.json", "process_prefix.png"),
-          inputs=lambda c: [*_data(c, "corpus.parquet"), c.policy.model.path],
-          keys=("process.strategy", "process.k", "process.separator", "process.max_segments", "process.segment_reward",
-                "process.reward_correct_responses", "data.max_prompt_length", "data.max_response_length", *SAMPLING),
-          partial=lambda c: _data(c, "process_shards")),
-    Stage("baselines", baselines.run,
-          outputs=lambda c: _data(c, "baselines"),
-          inputs=lambda c: [*_data(c, "corpus.parquet", "prompts.parquet"), c.policy.model.path],
-          keys=("trainer.seed",)),
-    Stage("train", main.run,
-          outputs=lambda c: _run_dir(c, *(f"export/{role}" for role in TRAINERS[c.algorithm.name].roles)),
-          inputs=lambda c: [c.data.train_files, c.policy.model.path, c.value.model.path, c.ref.path],
-          keys=TRAINING,
-          partial=lambda c: [c.trainer.default_local_dir, *_run_dir(c, "metrics.jsonl", "tensorboard")]),
-    Stage("eval", evaluate.run,
-          outputs=lambda c: [str(Path(c.evaluate.out_dir) / n) for n in ("summary.json", "table.md", "table.csv", "samples.parquet")],
-          inputs=lambda c: [*c.evaluate.models,
-                            *(_data(c, "prompts.parquet") + (_data(c, "sft.parquet", "dev.parquet") if c.sft else [])
-                              if _generated_eval_sets(c) else [])],
-          keys=("evaluate", "rollout.backend", "rollout.dtype", "data.max_prompt_length", "trainer.seed")),
-    Stage("report", report.run,
-          outputs=lambda c: [str(Path(c.paths.root) / "report.md")]
-          + ([str(Path(c.paths.root) / "value_curves.png")] if c.report.value_curves else []),
-          inputs=lambda c: [str(Path(c.evaluate.out_dir) / "summary.json")]
-          + (_run_dir(c, "export/value") if c.report.value_curves else []),
-          keys=("report",)),
+    Stage("base", models.base, outputs=lambda c: [c.models.base.out] if c.models.base else [], keys=("models.base",)),
+    Stage(
+        "sft",
+        sft.run,
+        outputs=lambda c: [c.sft.out, *_data(c, "sft.parquet", "dev.parquet", "sft_tokens.parquet")] if c.sft else [],
+        inputs=lambda c: [c.sft.model],
+        keys=(
+            "sft",
+            "dataset.difficulty",
+            "policy.engine",
+            "policy.optim",
+            "checkpoint",
+            "data.max_prompt_length",
+            "data.max_response_length",
+            "trainer.nnodes",
+            "trainer.n_gpus_per_node",
+            "rollout.backend",
+            "rollout.dtype",
+            "evaluate.max_tokens",
+        ),
+        partial=lambda c: [c.sft.run_dir],
+    ),
+    Stage(
+        "value",
+        models.value,
+        outputs=lambda c: [c.models.value.out] if c.models.value else [],
+        inputs=lambda c: [c.models.value.source],
+        keys=("models.value",),
+    ),
+    Stage(
+        "prompts",
+        prompts.prepare,
+        outputs=lambda c: _data(c, "prompts.parquet") + (_data(c, "sft.parquet") if c.get("sft_dataset") else []),
+        inputs=lambda c: [c.policy.model.path],
+        keys=("dataset", "sft_dataset"),
+    ),
+    Stage(
+        "corpus",
+        corpus.run,
+        outputs=lambda c: _data(c, "samples.parquet"),
+        inputs=lambda c: [*_data(c, "prompts.parquet"), c.policy.model.path],
+        keys=("rollout.n", *SAMPLING),
+        partial=lambda c: _data(c, "samples_shards"),
+    ),
+    Stage(
+        "score",
+        corpus.score,
+        outputs=lambda c: _data(c, "corpus.parquet"),
+        inputs=lambda c: _data(c, "samples.parquet"),
+    ),
+    Stage(
+        "process",
+        process.run,
+        outputs=lambda c: _data(c, "corpus_ps.parquet", "process_stats.json", "process_prefix.png"),
+        inputs=lambda c: [*_data(c, "corpus.parquet"), c.policy.model.path],
+        keys=(
+            "process.strategy",
+            "process.k",
+            "process.separator",
+            "process.max_segments",
+            "process.segment_reward",
+            "process.reward_correct_responses",
+            "data.max_prompt_length",
+            "data.max_response_length",
+            *SAMPLING,
+        ),
+        partial=lambda c: _data(c, "process_shards"),
+    ),
+    Stage(
+        "baselines",
+        baselines.run,
+        outputs=lambda c: _data(c, "baselines"),
+        inputs=lambda c: [*_data(c, "corpus.parquet", "prompts.parquet"), c.policy.model.path],
+        keys=("trainer.seed",),
+    ),
+    Stage(
+        "train",
+        main.run,
+        outputs=lambda c: _run_dir(c, *(f"export/{role}" for role in TRAINERS[c.algorithm.name].roles)),
+        inputs=lambda c: [c.data.train_files, c.policy.model.path, c.value.model.path, c.ref.path],
+        keys=TRAINING,
+        partial=lambda c: [c.trainer.default_local_dir, *_run_dir(c, "metrics.jsonl", "tensorboard")],
+    ),
+    Stage(
+        "eval",
+        evaluate.run,
+        outputs=lambda c: [
+            str(Path(c.evaluate.out_dir) / n) for n in ("summary.json", "table.md", "table.csv", "samples.parquet")
+        ],
+        inputs=lambda c: [
+            *c.evaluate.models,
+            *(
+                _data(c, "prompts.parquet") + (_data(c, "sft.parquet", "dev.parquet") if c.sft else [])
+                if _generated_eval_sets(c)
+                else []
+            ),
+        ],
+        keys=("evaluate", "rollout.backend", "rollout.dtype", "data.max_prompt_length", "trainer.seed"),
+    ),
+    Stage(
+        "report",
+        report.run,
+        outputs=lambda c: (
+            [str(Path(c.paths.root) / "report.md")]
+            + ([str(Path(c.paths.root) / "value_curves.png")] if c.report.value_curves else [])
+        ),
+        inputs=lambda c: (
+            [str(Path(c.evaluate.out_dir) / "summary.json")]
+            + (_run_dir(c, "export/value") if c.report.value_curves else [])
+        ),
+        keys=("report",),
+    ),
 )
 
 
@@ -159,7 +237,9 @@ def file_stamp(path: str) -> str:
         return f"{st.st_size}:{st.st_mtime_ns}"
     if p.is_dir():
         files = sorted(f for f in p.rglob("*") if f.is_file())
-        return hashlib.sha1("".join(f"{f.relative_to(p)}:{f.stat().st_size}:{f.stat().st_mtime_ns};" for f in files).encode()).hexdigest()
+        return hashlib.sha1(
+            "".join(f"{f.relative_to(p)}:{f.stat().st_size}:{f.stat().st_mtime_ns};" for f in files).encode()
+        ).hexdigest()
     return f"name:{path}"
 
 
@@ -226,7 +306,9 @@ def why_run(stage: Stage, cfg: DictConfig, record: dict | None, state: dict, for
     if record is None:
         return "no record of an earlier run"
     if record["fingerprint"] != state["fingerprint"]:
-        changed = [f"{k}: {record['config'].get(k)} -> {v}" for k, v in state["config"].items() if record["config"].get(k) != v]
+        changed = [
+            f"{k}: {record['config'].get(k)} -> {v}" for k, v in state["config"].items() if record["config"].get(k) != v
+        ]
         changed += [f"{k} (no longer set)" for k in record["config"] if k not in state["config"]]
         for path, stamp in state["inputs"].items():
             if record["inputs"].get(path) != stamp:
@@ -257,7 +339,9 @@ def run_pipeline(cfg: DictConfig, stages: tuple[Stage, ...] = STAGES) -> dict[st
     plan = make_plan(cfg, targets, stages)
     redo = cfg.pipeline.redo
     if redo not in (None, "all") and redo not in [s.name for s in plan.stages]:
-        raise InputError(f"pipeline.redo={redo} is not one of the stages this run plans: {', '.join(s.name for s in plan.stages)}")
+        raise InputError(
+            f"pipeline.redo={redo} is not one of the stages this run plans: {', '.join(s.name for s in plan.stages)}"
+        )
     forced = {s.name for s in plan.stages} if redo == "all" else dependents(plan, cfg, redo) if redo else set()
     print(f"[pipeline] stages: {' -> '.join(s.name for s in plan.stages)}")
     made: dict[str, str] = {}  # stage -> the id of its current outputs (what stages reading them depend on)
@@ -270,8 +354,10 @@ def run_pipeline(cfg: DictConfig, stages: tuple[Stage, ...] = STAGES) -> dict[st
         state = {"config": values, "inputs": inputs, "makers": makers, "fingerprint": _digest([values, inputs])}
         record = Records.read(stage, cfg)
         if record is None and stage.name not in forced and all(Path(o).exists() for o in outputs):
-            print(f"[pipeline] {stage.name}: {outputs[0]} exists without a record (made outside the pipeline): "
-                  f"using it as is (pipeline.redo={stage.name} remakes it)")
+            print(
+                f"[pipeline] {stage.name}: {outputs[0]} exists without a record (made outside the pipeline): "
+                f"using it as is (pipeline.redo={stage.name} remakes it)"
+            )
             made[stage.name] = _digest([file_stamp(o) for o in outputs])
             continue
         reason = why_run(stage, cfg, record, state, stage.name in forced)
@@ -283,13 +369,25 @@ def run_pipeline(cfg: DictConfig, stages: tuple[Stage, ...] = STAGES) -> dict[st
             _remove(outputs + stage.partial(cfg))  # stale, or another run's: start over
         print(f"[pipeline] {stage.name}: running ({reason})")
         start = time.time()
-        Records.write(stage, cfg, {"stage": stage.name, "status": "running", **{k: state[k] for k in ("fingerprint", "config", "inputs")}})
+        Records.write(
+            stage,
+            cfg,
+            {"stage": stage.name, "status": "running", **{k: state[k] for k in ("fingerprint", "config", "inputs")}},
+        )
         stage.run(cfg)
         seconds[stage.name] = time.time() - start
         made[stage.name] = _digest([state["fingerprint"], start])
-        Records.write(stage, cfg, {"stage": stage.name, "status": "done", "made": made[stage.name],
-                                   "seconds": round(seconds[stage.name], 1),
-                                   **{k: state[k] for k in ("fingerprint", "config", "inputs")}})
+        Records.write(
+            stage,
+            cfg,
+            {
+                "stage": stage.name,
+                "status": "done",
+                "made": made[stage.name],
+                "seconds": round(seconds[stage.name], 1),
+                **{k: state[k] for k in ("fingerprint", "config", "inputs")},
+            },
+        )
         print(f"[pipeline] {stage.name}: {seconds[stage.name]:.0f}s -> {', '.join(outputs)}")
     return seconds
 
@@ -303,7 +401,9 @@ def run(cfg: DictConfig) -> None:
         if ray.is_initialized():
             ray.shutdown()
     times = ", ".join(f"{name} {s:.0f}s" for name, s in seconds.items())
-    print(f"[pipeline] finished in {time.time() - start:.0f}s ({times or 'nothing to do'}) under {Path(cfg.paths.root)}")
+    print(
+        f"[pipeline] finished in {time.time() - start:.0f}s ({times or 'nothing to do'}) under {Path(cfg.paths.root)}"
+    )
     report_file = Path(cfg.paths.root) / "report.md"
     if "report" in cfg.pipeline.stages and report_file.exists():
         print(report_file.read_text().rstrip())

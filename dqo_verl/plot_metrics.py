@@ -18,7 +18,13 @@ from matplotlib.figure import Figure
 
 PANELS = {
     "losses": ["policy/loss", "value/loss"],
-    "is_weights": ["dqo/is_weight_mean", "dqo/is_weight_min", "dqo/is_weight_max", "dqo/is_weight_below_0.05", "dqo/is_weight_clipped"],
+    "is_weights": [
+        "dqo/is_weight_mean",
+        "dqo/is_weight_min",
+        "dqo/is_weight_max",
+        "dqo/is_weight_below_0.05",
+        "dqo/is_weight_clipped",
+    ],
     "values": ["dqo/v_first_mean", "dqo/returns_first_mean", "dqo/reward_mean"],
     "kl": ["dqo/kl_seq_mean"],
     "grad_norm": ["policy/grad_norm", "value/grad_norm"],

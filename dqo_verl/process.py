@@ -34,11 +34,11 @@ from tqdm import tqdm
 from verl.utils import hf_tokenizer
 
 from dqo_verl.corpus import answer_formats
-from dqo_verl.prompts import answer_format
 from dqo_verl.data import write_parquet_atomic
 from dqo_verl.grading import grade_many
-from dqo_verl.rollout import RolloutGroup, engines_per_node, sample_seed, sampling_params
-from dqo_verl.workers import init_ray
+from dqo_verl.prompts import answer_format
+from dqo_verl.rollout import RolloutGroup, sample_seed, sampling_params
+from dqo_verl.workers import engines_per_node, init_ray
 
 STRATEGIES = ("linear", "binary")
 
@@ -69,7 +69,9 @@ def separator_ends(text: str, separator: str = "\n\n", max_segments: int | None 
     return ends
 
 
-def segment_ends(response_ids: list[int], tokenizer, separator: str = "\n\n", max_segments: int | None = None) -> list[int]:
+def segment_ends(
+    response_ids: list[int], tokenizer, separator: str = "\n\n", max_segments: int | None = None
+) -> list[int]:
     """Response token index at which each segment ends; the last one is the last token.
 
     A segment ends at the first token whose decoded prefix covers the whole separator, so a
@@ -162,7 +164,10 @@ def search(n: int, is_correct, strategy: str = "binary") -> tuple[int, list[int]
 
 
 def process_rewards(
-    n_segments: int, correct_prefix: int, outcome_correct: bool, segment_reward: float | None = None,
+    n_segments: int,
+    correct_prefix: int,
+    outcome_correct: bool,
+    segment_reward: float | None = None,
     reward_correct_responses: bool = True,
 ) -> list[float]:
     """Per segment end: `segment_reward` (default 1/n) for the first i* segments of a failed response,
@@ -182,8 +187,9 @@ class Spend:
     tokens: int = 0
 
 
-def complete_and_grade(probes, corpus: pd.DataFrame, ends: list[list[int]], completer, k: int, seed: int, params: dict,
-                       tokenizer, workers) -> tuple[list[bool], Spend]:
+def complete_and_grade(
+    probes, corpus: pd.DataFrame, ends: list[list[int]], completer, k: int, seed: int, params: dict, tokenizer, workers
+) -> tuple[list[bool], Spend]:
     """For each (row, i): K completions of prompt + first i segments; correct if any completion is."""
     prompts, seeds, meta = [], [], []
     for row, i in probes:
@@ -195,7 +201,11 @@ def complete_and_grade(probes, corpus: pd.DataFrame, ends: list[list[int]], comp
             meta.append((row, tokenizer.decode(prefix, skip_special_tokens=True)))
     outs = completer.generate(prompts, seeds, params)
     items = [
-        (text + out["response"], corpus.iloc[row]["reward_model"]["ground_truth"], answer_format(corpus.iloc[row]["data_source"]))
+        (
+            text + out["response"],
+            corpus.iloc[row]["reward_model"]["ground_truth"],
+            answer_format(corpus.iloc[row]["data_source"]),
+        )
         for (row, text), out in zip(meta, outs)
     ]
     scores = [g["score"] for g in grade_many(items, workers, desc="grading completions")]
@@ -203,8 +213,18 @@ def complete_and_grade(probes, corpus: pd.DataFrame, ends: list[list[int]], comp
     return correct, Spend(len(outs), sum(len(o["response_ids"]) for o in outs))
 
 
-def search_prefixes(corpus: pd.DataFrame, ends: list[list[int]], failed: list[int], completer, strategy: str, k: int,
-                    seed: int, params: dict, tokenizer, workers=None) -> tuple[dict[int, int], Spend]:
+def search_prefixes(
+    corpus: pd.DataFrame,
+    ends: list[list[int]],
+    failed: list[int],
+    completer,
+    strategy: str,
+    k: int,
+    seed: int,
+    params: dict,
+    tokenizer,
+    workers=None,
+) -> tuple[dict[int, int], Spend]:
     """i* of every failed row (index into corpus), all searches advancing one probe per round."""
     states = {row: SearchState(len(ends[row]), strategy) for row in failed}
     spend = Spend()
@@ -221,8 +241,9 @@ def run_shard(corpus: pd.DataFrame, completer, cfg: DictConfig, tokenizer, param
     p = cfg.process
     ends = [segment_ends(ids, tokenizer, p.separator, p.max_segments) for ids in corpus["response_ids"]]
     failed = [row for row in range(len(corpus)) if corpus.iloc[row]["score"] != 1.0]
-    prefix, spend = search_prefixes(corpus, ends, failed, completer, p.strategy, p.k, cfg.rollout.seed, params, tokenizer,
-                                    cfg.score.workers)
+    prefix, spend = search_prefixes(
+        corpus, ends, failed, completer, p.strategy, p.k, cfg.rollout.seed, params, tokenizer, cfg.score.workers
+    )
     out = pd.DataFrame(
         {
             "segment_ends": ends,
@@ -260,12 +281,16 @@ def run(cfg: DictConfig) -> Path:
     spend, t0 = Spend(), time.perf_counter()
     if todo:
         init_ray(cfg)
-        rollout = {**OmegaConf.to_container(cfg.rollout, resolve=True),
-                   "max_model_len": cfg.rollout.max_model_len or cfg.data.max_prompt_length + 2 * cfg.data.max_response_length}
+        rollout = {
+            **OmegaConf.to_container(cfg.rollout, resolve=True),
+            "max_model_len": cfg.rollout.max_model_len or cfg.data.max_prompt_length + 2 * cfg.data.max_response_length,
+        }
         group = RolloutGroup(rollout, cfg.policy.model.path, cfg.trainer.nnodes, engines_per_node(cfg))
         try:
             for start in tqdm(todo, desc=f"process scores ({cfg.process.strategy})", unit="shard"):
-                shard, s = run_shard(corpus.iloc[start : start + size].reset_index(drop=True), group, cfg, tokenizer, params)
+                shard, s = run_shard(
+                    corpus.iloc[start : start + size].reset_index(drop=True), group, cfg, tokenizer, params
+                )
                 shard["completions"] = s.completions  # per shard, for the statistics
                 shard["completion_tokens"] = s.tokens
                 write_parquet_atomic(shard, shard_dir / f"shard_{start:08d}.parquet")

@@ -15,9 +15,9 @@ from __future__ import annotations
 
 import random
 import re
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Mapping
 
 import datasets
 import pandas as pd
@@ -80,23 +80,57 @@ class PromptSource:
 
 SOURCES: dict[str, PromptSource] = {
     "gsm8k": PromptSource(
-        "openai/gsm8k", "openai/gsm8k", "question", "answer", gsm8k_truth, GSM8K_INSTRUCTION, "gsm8k", "main",
+        "openai/gsm8k",
+        "openai/gsm8k",
+        "question",
+        "answer",
+        gsm8k_truth,
+        GSM8K_INSTRUCTION,
+        "gsm8k",
+        "main",
         solution_key="answer",
     ),
     "math": PromptSource(
-        "DigitalLearningGmbH/MATH-lighteval", "DigitalLearningGmbH/MATH-lighteval", "problem", "solution",
-        boxed_truth, MATH_INSTRUCTION, "boxed", "default", solution_key="solution",
+        "DigitalLearningGmbH/MATH-lighteval",
+        "DigitalLearningGmbH/MATH-lighteval",
+        "problem",
+        "solution",
+        boxed_truth,
+        MATH_INSTRUCTION,
+        "boxed",
+        "default",
+        solution_key="solution",
     ),
     "math500": PromptSource(
-        "HuggingFaceH4/MATH-500", "HuggingFaceH4/MATH-500", "problem", "answer", lambda a: str(a).strip() or None,
-        MATH_INSTRUCTION, "boxed", split="test", solution_key="solution",
+        "HuggingFaceH4/MATH-500",
+        "HuggingFaceH4/MATH-500",
+        "problem",
+        "answer",
+        lambda a: str(a).strip() or None,
+        MATH_INSTRUCTION,
+        "boxed",
+        split="test",
+        solution_key="solution",
     ),
     "numina": PromptSource(
-        "AI-MO/NuminaMath-CoT", "AI-MO/NuminaMath-CoT", "problem", "solution", boxed_truth, None, "boxed",
-        skip_bad_rows=True, solution_key="solution",
+        "AI-MO/NuminaMath-CoT",
+        "AI-MO/NuminaMath-CoT",
+        "problem",
+        "solution",
+        boxed_truth,
+        None,
+        "boxed",
+        skip_bad_rows=True,
+        solution_key="solution",
     ),
     "aime24": PromptSource(
-        "di-zhang-fdu/AIME-1983-2024", "aime24", "Question", "Answer", aime_truth, None, "boxed",
+        "di-zhang-fdu/AIME-1983-2024",
+        "aime24",
+        "Question",
+        "Answer",
+        aime_truth,
+        None,
+        "boxed",
         filter=lambda row: int(row.get("Year", 0)) == 2024,
     ),
 }
@@ -134,9 +168,9 @@ def load_rows(path: str, hub_config: str | None, split: str) -> tuple[list[dict]
 
 def chat_prompt(tokenizer, content: str) -> list[int]:
     """Token ids of `content` as a user turn in the model's chat template, with the generation prompt."""
-    return tokenizer.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True, tokenize=True)[
-        "input_ids"
-    ]
+    return tokenizer.apply_chat_template(
+        [{"role": "user", "content": content}], add_generation_prompt=True, tokenize=True
+    )["input_ids"]
 
 
 def apply_template(problem: str, instruction: str | None) -> str:
@@ -192,14 +226,22 @@ def synthetic_difficulty(cfg: DictConfig | None) -> synthetic.Difficulty:
     return synthetic.Difficulty(**fields)
 
 
-def build_synthetic_prompts(n: int, seed: int, exclude: set[str] | None = None, split: str = "train",
-                            difficulty: synthetic.Difficulty = synthetic.Difficulty()) -> pd.DataFrame:
+def build_synthetic_prompts(
+    n: int,
+    seed: int,
+    exclude: set[str] | None = None,
+    split: str = "train",
+    difficulty: synthetic.Difficulty | None = None,
+) -> pd.DataFrame:
     """Prompt rows of the built-in arithmetic task (the problem as is: a short, character-level prompt)."""
-    return pd.DataFrame(synthetic.to_rows(synthetic.make_problems(n, seed=seed, difficulty=difficulty, exclude=exclude), split))
+    return pd.DataFrame(
+        synthetic.to_rows(synthetic.make_problems(n, seed, difficulty or synthetic.Difficulty(), exclude), split)
+    )
 
 
-def build_reasoning_gym_prompts(task: str, n: int, seed: int, split: str = "train", config: Mapping | None = None,
-                                exclude: set[str] | None = None) -> pd.DataFrame:
+def build_reasoning_gym_prompts(
+    task: str, n: int, seed: int, split: str = "train", config: Mapping | None = None, exclude: set[str] | None = None
+) -> pd.DataFrame:
     """`n` prompt rows from a `reasoning-gym` task generator (offline), in GSM8K format ('#### N' answers).
 
     `config` holds the generator's own options (e.g. basic_arithmetic's max_terms, max_digits);
@@ -227,11 +269,15 @@ def build_reasoning_gym_prompts(task: str, n: int, seed: int, split: str = "trai
         )
         if len(rows) == n:
             return pd.DataFrame(rows)
-    raise ValueError(f"reasoning-gym {task} with {options} gave only {len(rows)} distinct new problems of the {n} asked: "
-                     "widen its config or ask for fewer")
+    raise ValueError(
+        f"reasoning-gym {task} with {options} gave only {len(rows)} distinct new problems of the {n} asked: "
+        "widen its config or ask for fewer"
+    )
 
 
-def build_sft_set(path: str, n: int, seed: int, problem_key: str = "problem", response_key: str = "qwq") -> pd.DataFrame:
+def build_sft_set(
+    path: str, n: int, seed: int, problem_key: str = "problem", response_key: str = "qwq"
+) -> pd.DataFrame:
     """`n` random (problem, long chain-of-thought) pairs, e.g. QwQ-LongCoT-Verified-130K for Qwen2.5-QwQ."""
     rows, where = load_rows(path, None, "train")
     picked = random.Random(seed).sample(range(len(rows)), min(n, len(rows)))
@@ -259,7 +305,9 @@ def prepare(cfg: DictConfig) -> Path:
     d = cfg.dataset
     out_dir = Path(cfg.paths.data)
     if d.name == "synthetic":
-        df = build_synthetic_prompts(d.limit, seed=d.get("seed", 0), difficulty=synthetic_difficulty(d.get("difficulty")))
+        df = build_synthetic_prompts(
+            d.limit, seed=d.get("seed", 0), difficulty=synthetic_difficulty(d.get("difficulty"))
+        )
         stats = {"rows": len(df), "skipped": 0}
     elif d.name == "reasoning_gym":
         df = build_reasoning_gym_prompts(d.task, d.limit, seed=d.get("seed", 0), config=d.get("config"))
@@ -272,7 +320,9 @@ def prepare(cfg: DictConfig) -> Path:
     print(f"[prompts] {stats['rows']} prompts ({stats['skipped']} rows without a usable answer skipped) -> {path}")
     if cfg.get("sft_dataset"):
         s = cfg.sft_dataset
-        sft = build_sft_set(s.path, s.n, s.get("seed", 0), s.get("problem_key", "problem"), s.get("response_key", "qwq"))
+        sft = build_sft_set(
+            s.path, s.n, s.get("seed", 0), s.get("problem_key", "problem"), s.get("response_key", "qwq")
+        )
         write_parquet_atomic(sft, out_dir / "sft.parquet")
         print(f"[prompts] {len(sft)} SFT trajectories -> {out_dir / 'sft.parquet'}")
     return path

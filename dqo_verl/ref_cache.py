@@ -18,11 +18,11 @@ import numpy as np
 import pandas as pd
 from omegaconf import DictConfig
 from tqdm import tqdm
+from verl.utils import tensordict_utils as tu
+from verl.workers.utils.padding import left_right_2_no_padding, no_padding_2_padding
 
 from dqo_verl.data import BatchSpec, build_batch, parquet_metadata, write_parquet_atomic
 from dqo_verl.workers import Group, Role, ranks, release, start_groups
-from verl.utils import tensordict_utils as tu
-from verl.workers.utils.padding import left_right_2_no_padding, no_padding_2_padding
 
 
 def cache_path(config: DictConfig, corpus_path: Path) -> Path:

@@ -19,14 +19,14 @@ import ray
 import torch
 from omegaconf import DictConfig
 from transformers import AutoModelForCausalLM, AutoTokenizer
-
-from dqo_verl.cli import InputError
-from dqo_verl.workers import Call, release, release_pool
 from verl import DataProto
 from verl.single_controller.base import Worker
 from verl.single_controller.base.decorator import Dispatch, register
 from verl.single_controller.ray import RayClassWithInitArgs, RayResourcePool, RayWorkerGroup
 from verl.utils.device import get_device_name
+
+from dqo_verl.cli import InputError
+from dqo_verl.workers import Call, release, release_pool
 
 # vLLM on CPU: one process per engine (in-process engine core) and no telemetry
 CPU_ENGINE_ENV = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_NO_USAGE_STATS": "1", "VLLM_TARGET_DEVICE": "cpu"}
@@ -45,12 +45,6 @@ def sample_seed(base: int, *keys: int) -> int:
 def sampling_params(rollout: DictConfig) -> dict:
     """The sampling parameters of a rollout config section."""
     return {k: rollout[k] for k in SAMPLING_KEYS}
-
-
-def engines_per_node(config: DictConfig) -> int:
-    """rollout.engines_per_node, or one engine per tensor-parallel group of the node's GPUs."""
-    r = config.rollout
-    return r.engines_per_node or max(1, config.trainer.n_gpus_per_node // r.tensor_parallel_size)
 
 
 def objects(values: list) -> np.ndarray:
@@ -114,7 +108,9 @@ class VLLMEngine:
             )
             for seed in seeds
         ]
-        outputs = self.llm.generate([TokensPrompt(prompt_token_ids=list(ids)) for ids in prompts], sampling, use_tqdm=False)
+        outputs = self.llm.generate(
+            [TokensPrompt(prompt_token_ids=list(ids)) for ids in prompts], sampling, use_tqdm=False
+        )
         result = {"response_ids": [], "response": [], "finish_reason": [], "logprobs": []}
         for o in outputs:
             c = o.outputs[0]
@@ -147,15 +143,29 @@ class HFEngine:
             input_ids = torch.tensor([list(prompts[i])], device=self.model.device)
             torch.manual_seed(seeds[i])
             greedy = p["temperature"] == 0
-            kwargs = {"do_sample": False} if greedy else dict(
-                do_sample=True, temperature=p["temperature"], top_p=p["top_p"], top_k=p["top_k"] or None, min_p=p["min_p"]
+            kwargs = (
+                {"do_sample": False}
+                if greedy
+                else dict(
+                    do_sample=True,
+                    temperature=p["temperature"],
+                    top_p=p["top_p"],
+                    top_k=p["top_k"] or None,
+                    min_p=p["min_p"],
+                )
             )
             copies = 1 if greedy else j - i  # greedy decoding is deterministic: one answer serves every copy
             with torch.no_grad():
                 gen = self.model.generate(
-                    input_ids=input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=p["max_tokens"],
-                    num_return_sequences=copies, eos_token_id=eos, pad_token_id=pad, output_logits=True,
-                    return_dict_in_generate=True, **kwargs,
+                    input_ids=input_ids,
+                    attention_mask=torch.ones_like(input_ids),
+                    max_new_tokens=p["max_tokens"],
+                    num_return_sequences=copies,
+                    eos_token_id=eos,
+                    pad_token_id=pad,
+                    output_logits=True,
+                    return_dict_in_generate=True,
+                    **kwargs,
                 )
             scores = torch.stack(gen.logits, dim=1).float().log_softmax(-1)  # raw log-probs, as vLLM's
             sequences = gen.sequences[:, input_ids.shape[1] :].tolist()
@@ -218,7 +228,9 @@ class RolloutGroup:
         self.backend = engine_name(rollout["backend"])
         self.group = RayWorkerGroup(
             resource_pool=self.pool,
-            ray_cls_with_init=RayClassWithInitArgs(ray.remote(RolloutWorker), config={**rollout, "engine": self.backend}),
+            ray_cls_with_init=RayClassWithInitArgs(
+                ray.remote(RolloutWorker), config={**rollout, "engine": self.backend}
+            ),
             device_name=get_device_name(),
             name_prefix="rollout_",
         )

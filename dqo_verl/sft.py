@@ -25,9 +25,9 @@ from dqo_verl.data import write_parquet_atomic
 from dqo_verl.evaluate import greedy_accuracy
 from dqo_verl.models import build_folder
 from dqo_verl.prompts import add_prompt_ids, chat_prompt, synthetic_difficulty
-from dqo_verl.rollout import RolloutGroup, engines_per_node
+from dqo_verl.rollout import RolloutGroup
 from dqo_verl.trainers import SFTTrainer
-from dqo_verl.workers import init_ray
+from dqo_verl.workers import engines_per_node, init_ray
 
 # the warm-up's problems and dev problems are drawn with these offsets from sft.seed
 PROBLEMS_SEED, DEV_SEED = 1000, 2000
@@ -65,12 +65,17 @@ def run(cfg: DictConfig) -> Path:
     data = Path(cfg.paths.data)
     tokenizer = hf_tokenizer(s.model)
     difficulty = synthetic_difficulty(cfg.dataset.get("difficulty"))
-    problems = synthetic.make_problems(s.problems or s.steps * s.batch_size, seed=s.seed + PROBLEMS_SEED, difficulty=difficulty)
+    problems = synthetic.make_problems(
+        s.problems or s.steps * s.batch_size, seed=s.seed + PROBLEMS_SEED, difficulty=difficulty
+    )
     dev = synthetic.make_problems(
         s.dev_problems, seed=s.seed + DEV_SEED, difficulty=difficulty, exclude={p["question"] for p in problems}
     )
     for name, rows in (("sft", problems), ("dev", dev)):  # evaluation keeps these out of its test sets
-        texts = {"prompt": [[{"role": "user", "content": p["question"]}] for p in rows], "response": [p["solution"] for p in rows]}
+        texts = {
+            "prompt": [[{"role": "user", "content": p["question"]}] for p in rows],
+            "response": [p["solution"] for p in rows],
+        }
         write_parquet_atomic(pd.DataFrame(texts), data / f"{name}.parquet")
     train_file = data / "sft_tokens.parquet"
     tokens = {
@@ -90,10 +95,14 @@ def run(cfg: DictConfig) -> Path:
         if checker:
             checker[0].load(model)
         else:
-            rollout = {**OmegaConf.to_container(cfg.rollout, resolve=True), "max_model_len": cfg.data.max_prompt_length + cfg.evaluate.max_tokens}
+            rollout = {
+                **OmegaConf.to_container(cfg.rollout, resolve=True),
+                "max_model_len": cfg.data.max_prompt_length + cfg.evaluate.max_tokens,
+            }
             checker.append(RolloutGroup(rollout, model, cfg.trainer.nnodes, engines_per_node(cfg)))
         accuracy = greedy_accuracy(checker[0], dev_prompts, cfg.evaluate.max_tokens, cfg.score.workers)
-        print(f"\n[sft] step {step}: greedy accuracy {accuracy:.3f} on {len(dev)} dev problems (target {s.target_accuracy})")
+        target = s.target_accuracy
+        print(f"\n[sft] step {step}: greedy accuracy {accuracy:.3f} on {len(dev)} dev problems (target {target})")
         return accuracy >= s.target_accuracy
 
     trainer = SFTTrainer(trainer_config(cfg, train_file))

@@ -57,7 +57,9 @@ def make_problem(rng: random.Random, difficulty: Difficulty = Difficulty()) -> d
     return {"question": question, "solution": solution, "answer": str(total)}
 
 
-def make_problems(n: int, seed: int, difficulty: Difficulty = Difficulty(), exclude: set[str] | None = None) -> list[dict]:
+def make_problems(
+    n: int, seed: int, difficulty: Difficulty = Difficulty(), exclude: set[str] | None = None
+) -> list[dict]:
     """`n` distinct problems by seed, none of whose question is in `exclude` (for held-out splits)."""
     rng = random.Random(seed)
     seen = set(exclude or ())

@@ -12,8 +12,9 @@ and its losses (`losses.py`, pure maths in `algo.py`); the driver base class doe
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from functools import partial
-from typing import Callable, ClassVar
+from typing import ClassVar
 
 import pandas as pd
 import torch

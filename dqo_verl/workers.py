@@ -12,17 +12,15 @@ FSDP group block in a collective, waiting for the one that died.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable
+from typing import Any
 
 import ray
 from omegaconf import DictConfig
 from ray.util import placement_group_table
 from ray.util.placement_group import remove_placement_group
 from tensordict import TensorDict
-
-import dqo_verl.cpu_platform  # noqa: F401  (registers the CPU platform in this process)
-from dqo_verl.cli import RunError
 from verl.single_controller.base.decorator import Dispatch, register
 from verl.single_controller.ray import RayClassWithInitArgs, RayResourcePool, RayWorkerGroup
 from verl.single_controller.ray.base import create_colocated_worker_cls
@@ -32,6 +30,9 @@ from verl.utils.device import get_device_name
 from verl.utils.distributed import initialize_global_process_group_ray
 from verl.workers.config import TrainingWorkerConfig
 from verl.workers.engine_workers import TrainingWorker
+
+import dqo_verl.cpu_platform  # noqa: F401  (registers the CPU platform in this process)
+from dqo_verl.cli import RunError
 
 # every process of a job loads the CPU platform plugin (a no-op on GPU machines)
 PLUGIN_ENV = {"VERL_USE_EXTERNAL_MODULES": "dqo_verl.cpu_platform", "TOKENIZERS_PARALLELISM": "false"}
@@ -44,8 +45,18 @@ def ranks(config: DictConfig) -> int:
     return config.trainer.nnodes * config.trainer.n_gpus_per_node
 
 
+def engines_per_node(config: DictConfig) -> int:
+    """Rollout engines per node: rollout.engines_per_node, or one per tensor-parallel group of the node's GPUs."""
+    r = config.rollout
+    return r.engines_per_node or max(1, config.trainer.n_gpus_per_node // r.tensor_parallel_size)
+
+
 def init_ray(config: DictConfig) -> None:
-    """Connect to the Ray cluster (ray_init.address, or RAY_ADDRESS as `ray job submit` sets) or start a local one."""
+    """Connect to the Ray cluster (ray_init.address, or RAY_ADDRESS as `ray job submit` sets) or start a local one.
+
+    A local Ray gets enough CPU slots for a training pool and a rollout group side by side (the SFT
+    warm-up checks its checkpoints by generating while its training processes live).
+    """
     if ray.is_initialized():
         return
     kwargs: dict[str, Any] = {"runtime_env": {"env_vars": dict(PLUGIN_ENV)}}
@@ -53,7 +64,8 @@ def init_ray(config: DictConfig) -> None:
     if address:
         kwargs["address"] = address
     else:
-        kwargs["num_cpus"] = config.ray_init.num_cpus or max(os.cpu_count() or 1, GROUPS_PER_RANK * ranks(config) + 1)
+        slots = GROUPS_PER_RANK * ranks(config) + engines_per_node(config) * config.trainer.nnodes + 1
+        kwargs["num_cpus"] = config.ray_init.num_cpus or max(os.cpu_count() or 1, slots)
         kwargs["include_dashboard"] = False
     ray.init(**kwargs)
 
@@ -188,6 +200,12 @@ def start_groups(
     starts = [groups[name].call("reset") for name in roles]  # FSDP wrap, weights, optimizer
     for start in starts:
         start.result("starting")
+    for group in groups.values():
+        # verl asks every rank for its data-parallel layout after the first call on the "train" mesh; a rank
+        # stuck in a collective would never answer then, so ask now, while every rank is free
+        wg = group.worker_group
+        wg._dispatch_info["train"] = wg._query_dispatch_info("train")
+        wg._collect_info["train"] = wg._query_collect_info("train")
     return groups
 
 

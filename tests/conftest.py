@@ -117,7 +117,9 @@ def trained_tiny_policy(tiny_models, tmp_path_factory):
         batch = problems[step * 32 : (step + 1) * 32]
         seqs = []
         for p in batch:
-            prompt = tok.apply_chat_template([{"role": "user", "content": p["question"]}], add_generation_prompt=True, tokenize=True)["input_ids"]
+            prompt = tok.apply_chat_template(
+                [{"role": "user", "content": p["question"]}], add_generation_prompt=True, tokenize=True
+            )["input_ids"]
             seqs.append((prompt, tok(p["solution"])["input_ids"] + [tok.eos_token_id]))
         width = max(len(a) + len(b) for a, b in seqs)
         ids = torch.full((len(seqs), width), tok.pad_token_id)

@@ -57,9 +57,17 @@ class LocalRayCluster:
         self.pids: set[int] = set()
         common = ["--block", "--node-ip-address=127.0.0.1", f"--num-cpus={cpus_per_node}", "--num-gpus=0"]
         head = [
-            RAY, "start", "--head", f"--port={self.gcs_port}", f"--temp-dir={self.temp_dir}",
-            "--dashboard-host=127.0.0.1", f"--dashboard-port={self.dashboard_port}",
-            f"--ray-client-server-port={free_port()}", "--include-dashboard=true", *common, *_node_ports(20000),
+            RAY,
+            "start",
+            "--head",
+            f"--port={self.gcs_port}",
+            f"--temp-dir={self.temp_dir}",
+            "--dashboard-host=127.0.0.1",
+            f"--dashboard-port={self.dashboard_port}",
+            f"--ray-client-server-port={free_port()}",
+            "--include-dashboard=true",
+            *common,
+            *_node_ports(20000),
         ]
         self._start(head, "head")
         self.wait_for_nodes(1)
@@ -99,8 +107,14 @@ class LocalRayCluster:
     def submit(self, entrypoint: list[str], working_dir: Path, timeout: float = 600) -> tuple[str, str]:
         """Submit a job, wait for it to end; returns (status, logs)."""
         out = self._ray(
-            "job", "submit", f"--address={self.dashboard_url}", f"--working-dir={working_dir}", "--no-wait",
-            "--", *entrypoint, timeout=120,
+            "job",
+            "submit",
+            f"--address={self.dashboard_url}",
+            f"--working-dir={working_dir}",
+            "--no-wait",
+            "--",
+            *entrypoint,
+            timeout=120,
         )
         assert out.returncode == 0, out.stdout + out.stderr
         job_id = re.search(r"raysubmit_[A-Za-z0-9]+", out.stdout).group(0)

@@ -184,9 +184,7 @@ def test_policy_gradient_only_through_log_ratio():
     returns = algo.compute_lambda_returns(rewards, lr, values, mask, BETA, 0.5)
     w = algo.compute_is_weights(lr, mask)
     leaves = {k: x.clone().requires_grad_(True) for k, x in dict(lr=lr, v=values, r=rewards, g=returns, w=w).items()}
-    loss, _ = algo.dqo_policy_loss(
-        leaves["lr"], leaves["v"], leaves["r"], leaves["g"], leaves["w"], mask, BETA
-    )
+    loss, _ = algo.dqo_policy_loss(leaves["lr"], leaves["v"], leaves["r"], leaves["g"], leaves["w"], mask, BETA)
     loss.backward()
     for k in ("v", "r", "g", "w"):
         assert leaves[k].grad is None, k

@@ -4,8 +4,8 @@ import pandas as pd
 import pytest
 
 from dqo_verl.checkpoints import COMPLETE_MARKER, CheckpointDir
-from dqo_verl.main import compose_config
-from dqo_verl.trainer import load_training_corpus
+from dqo_verl.cli import compose_config
+from dqo_verl.driver import load_corpus
 
 
 def writer(content: str, fail_after_first_file: bool = False):
@@ -77,14 +77,17 @@ def test_prune_keeps_newest_k(tmp_path):
     assert ckpts.prune(1) == []
 
 
-def test_training_corpus_is_checked_and_length_limited_with_counts(tmp_path, capsys):
+def test_training_corpus_is_checked_and_length_limited_with_counts(tmp_path, capsys, tiny_models):
     path = tmp_path / "c.parquet"
     pd.DataFrame(
         {"prompt_ids": [[1, 2], [1] * 9, [3]], "response_ids": [[4, 5, 6], [7], [8] * 6], "score": [1.0, 0.0, 1.0]}
     ).to_parquet(path)
-    cfg = compose_config("tiny_cpu", [f"data.train_files={path}", "data.max_prompt_length=4", "data.max_response_length=4"])
-    corpus = load_training_corpus(cfg)
+    cfg = compose_config(
+        "tiny_cpu", [f"data.train_files={path}", "data.max_prompt_length=4", "data.max_response_length=4"]
+    )
+    required, models = ("prompt_ids", "response_ids", "score"), [str(tiny_models[0])]
+    corpus = load_corpus(cfg, required, models)
     assert len(corpus) == 2 and corpus["response_ids"].map(len).tolist() == [3, 4]
     assert "1 rows dropped (prompt > 4 tokens); 1 responses > 4 tokens (truncate)" in capsys.readouterr().out
     cfg.data.overlong = "drop"
-    assert len(load_training_corpus(cfg)) == 1
+    assert len(load_corpus(cfg, required, models)) == 1

@@ -6,7 +6,7 @@ import sys
 import yaml
 from omegaconf import OmegaConf
 
-from dqo_verl.main import RECIPES_DIR, compose_config, register_recipes
+from dqo_verl.cli import RECIPES_DIR, compose_config, register_recipes
 
 
 def test_recipes_are_registered():
@@ -30,7 +30,9 @@ def test_tiny_recipe_composes_over_base_with_overrides():
 def test_cfg_job_prints_the_composed_config():
     out = subprocess.run(
         [sys.executable, "-m", "dqo_verl.main", "+recipe=tiny_cpu", "algorithm.granularity=sequence", "--cfg", "job"],
-        capture_output=True, text=True, check=True,
+        capture_output=True,
+        text=True,
+        check=True,
     ).stdout
     cfg = yaml.safe_load(out)
     assert cfg["algorithm"]["granularity"] == "sequence"
@@ -52,7 +54,7 @@ def test_paper_recipes_follow_appendix_a2():
             cfg = compose_config(variant)
             a = cfg.algorithm
             assert (a.beta, a.lam, a.is_policy, a.is_value, a.is_log_clip) == (0.03, 1.0, True, True, 1.0), variant
-            assert a.granularity == "token"
+            assert a.name == "dqo" and a.granularity is None  # DQO's own: token actions
             assert a.use_process_rewards == variant.endswith("_ps")
             assert cfg.policy.model.path == model and cfg.value.model.path == model
             assert cfg.policy.optim.lr == policy_lr and cfg.value.optim.lr == 5e-6
@@ -69,8 +71,18 @@ def test_paper_recipes_follow_appendix_a2():
 def test_paper_recipe_paths_are_overridable_and_printed_by_cfg_job():
     for name in ("qwen_numina", "gemma_math_ps"):
         out = subprocess.run(
-            [sys.executable, "-m", "dqo_verl.main", f"+recipe={name}", "policy.model.path=/models/mine", "--cfg", "job"],
-            capture_output=True, text=True, check=True,
+            [
+                sys.executable,
+                "-m",
+                "dqo_verl.main",
+                f"+recipe={name}",
+                "policy.model.path=/models/mine",
+                "--cfg",
+                "job",
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
         ).stdout
         cfg = OmegaConf.to_container(OmegaConf.create(out), resolve=True)
         assert cfg["policy"]["model"]["path"] == "/models/mine"

@@ -10,9 +10,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from data_prep import baselines
-from data_prep.corpus import generate_samples
-from data_prep.prompts import add_prompt_ids, build_synthetic_prompts
+from dqo_verl import baselines
+from dqo_verl.corpus import generate_samples
+from dqo_verl.prompts import add_prompt_ids, build_synthetic_prompts
 from dqo_verl.rollout import RolloutGroup, sample_seed
 
 HAS_VLLM = importlib.util.find_spec("vllm") is not None
@@ -21,9 +21,16 @@ PARAMS = {"temperature": 0.9, "top_p": 0.9, "top_k": 16, "min_p": 0.01, "max_tok
 
 def rollout_config(backend: str) -> dict:
     return {
-        "backend": backend, "seed": 0, "dtype": "float32", "enforce_eager": True, "enable_prefix_caching": True,
-        "max_num_batched_tokens": 16384, "max_model_len": 512, "tensor_parallel_size": 1,
-        "kv_cache_memory_bytes": 64 * 2**20, "gpu_memory_utilization": 0.8,
+        "backend": backend,
+        "seed": 0,
+        "dtype": "float32",
+        "enforce_eager": True,
+        "enable_prefix_caching": True,
+        "max_num_batched_tokens": 16384,
+        "max_model_len": 512,
+        "tensor_parallel_size": 1,
+        "kv_cache_memory_bytes": 64 * 2**20,
+        "gpu_memory_utilization": 0.8,
     }
 
 
@@ -86,6 +93,16 @@ def test_vllm_samples_do_not_depend_on_the_number_of_engines(ray_session, traine
     assert results[0] == results[1]
 
 
+def test_engines_are_chosen_by_name():
+    from dqo_verl.cli import InputError
+    from dqo_verl.rollout import ENGINES, HFEngine, VLLMEngine, engine_name
+
+    assert ENGINES == {"vllm": VLLMEngine, "hf": HFEngine}
+    assert engine_name("hf") == "hf" and engine_name("auto") == ("vllm" if HAS_VLLM else "hf")
+    with pytest.raises(InputError, match="rollout.backend=tgi is not one of auto, vllm, hf"):
+        engine_name("tgi")
+
+
 class FakeGroup:
     """A deterministic stand-in for RolloutGroup; raises after `fail_after` calls (a killed run)."""
 
@@ -97,10 +114,12 @@ class FakeGroup:
             raise KeyboardInterrupt("killed")
         self.calls += 1
         out = []
-        for p, s in zip(prompt_ids, seeds):
+        for s in seeds:
             rng = random.Random(s)
             ids = [rng.randrange(3, 200) for _ in range(rng.randrange(1, 9))] + [2]
-            out.append({"response_ids": ids, "response": str(ids), "finish_reason": "stop", "logprobs": [-1.0] * len(ids)})
+            out.append(
+                {"response_ids": ids, "response": str(ids), "finish_reason": "stop", "logprobs": [-1.0] * len(ids)}
+            )
         return out
 
 
@@ -146,8 +165,15 @@ def test_baseline_sets_follow_their_rules(tmp_path, tiny_models):
     assert set(pairs["uid"]) == {0}
     by_id = dict(zip(corpus["response"], corpus["score"]))
     assert all(by_id[c] == 1 and by_id[r] == 0 for c, r in zip(pairs["chosen"], pairs["rejected"]))
-    three_three = pd.DataFrame({"uid": [0] * 6, "prompt_ids": [[1]] * 6, "response_ids": [[i] for i in range(6)],
-                                "response": [f"r{i}" for i in range(6)], "score": [1.0, 1.0, 1.0, 0.0, 0.0, 0.0]})
+    three_three = pd.DataFrame(
+        {
+            "uid": [0] * 6,
+            "prompt_ids": [[1]] * 6,
+            "response_ids": [[i] for i in range(6)],
+            "response": [f"r{i}" for i in range(6)],
+            "score": [1.0, 1.0, 1.0, 0.0, 0.0, 0.0],
+        }
+    )
     big = pd.concat([three_three.assign(uid=k) for k in range(10)], ignore_index=True)  # 90 possible pairs
     many = baselines.dpo_pairs(big, seed=0)
     assert len(many) == len(big) // 2 == 30 and not many.duplicated(["uid", "chosen", "rejected"]).any()
@@ -165,25 +191,33 @@ def test_baseline_sets_follow_their_rules(tmp_path, tiny_models):
 
 @pytest.mark.slow
 def test_recipe_data_stages_end_to_end(ray_session, tiny_models, trained_tiny_policy, tmp_path, capsys):
+    """`make process` and `make baselines` from nothing: the pipeline runs the stages they need first."""
     import json
 
-    from data_prep import corpus, process, prompts, score
-    from dqo_verl.main import compose_config
+    from dqo_verl.cli import compose_config
+    from dqo_verl.pipeline import run_pipeline
 
-    cfg = compose_config(
-        "tiny_cpu",
-        [f"paths.data={tmp_path}", f"policy.model.path={trained_tiny_policy}", "dataset.limit=8", "rollout.n=4",
-         "rollout.max_tokens=64", "rollout.shard_prompts=3", "process.k=3", "process.shard_rows=20"],
-    )
-    prompts.prepare(cfg)
-    corpus.run(cfg)
-    score.run(cfg)
-    baselines.run(cfg)
-    process.run(cfg)
+    overrides = [
+        f"paths.data={tmp_path}",
+        f"policy.model.path={trained_tiny_policy}",
+        "dataset.limit=8",
+        "rollout.n=4",
+        "rollout.max_tokens=64",
+        "rollout.shard_prompts=3",
+        "process.k=3",
+        "process.shard_rows=20",
+        "sft=null",
+        "models.base=null",
+        "models.value=null",
+    ]
+    run_pipeline(compose_config("tiny_cpu", [*overrides, "pipeline.stages=[process]"]))
     out = capsys.readouterr().out
+    assert "[pipeline] stages: prompts -> corpus -> score -> process" in out
     ps = pd.read_parquet(tmp_path / "corpus_ps.parquet")
     assert len(ps) == 32 and (tmp_path / "process_prefix.png").exists()
-    for ends, rewards, prefix, s, ids in zip(ps["segment_ends"], ps["process_rewards"], ps["correct_prefix"], ps["score"], ps["response_ids"]):
+    for ends, rewards, prefix, s, ids in zip(
+        ps["segment_ends"], ps["process_rewards"], ps["correct_prefix"], ps["score"], ps["response_ids"]
+    ):
         assert len(ends) == len(rewards) and ends[-1] == len(ids) - 1 and list(ends) == sorted(set(ends))
         assert sum(rewards) == pytest.approx(1.0 if s == 1 else prefix / len(ends))
     stats = json.loads((tmp_path / "process_stats.json").read_text())
@@ -191,7 +225,11 @@ def test_recipe_data_stages_end_to_end(ray_session, tiny_models, trained_tiny_po
     data = pd.read_parquet(tmp_path / "corpus.parquet")
     assert len(data) == 32 and set(data["score"]) <= {0.0, 1.0}
     assert data.groupby("uid").size().eq(4).all()
-    assert "[score] 32 responses of 8 prompts" in out and "| DQO | 32 | 8 |" in out
+    assert "[score] 32 responses of 8 prompts" in out
+
+    run_pipeline(compose_config("tiny_cpu", [*overrides, "pipeline.stages=[baselines]"]))
+    out = capsys.readouterr().out
+    assert out.count("up to date") == 3 and "| DQO | 32 | 8 |" in out  # prompts, corpus, score reused
     for name in ("sft", "rs", "dpo", "kto"):
         assert (tmp_path / "baselines" / f"{name}.parquet").exists()
     assert (tmp_path / "baselines" / "positive_rate.png").exists()

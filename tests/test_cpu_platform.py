@@ -7,18 +7,34 @@ from importlib.metadata import entry_points
 
 import pytest
 import torch
-
-import dqo_verl.cpu_platform as cpu_platform
-from verl.plugin.platform import PlatformRegistry, get_platform
+from verl.plugin.platform import PlatformRegistry
 from verl.utils.device import get_device_id, get_device_name, get_nccl_backend, get_torch_device
 from verl.workers.engine import EngineRegistry
 from verl.workers.engine.fsdp.transformer_impl import FSDPEngineWithLMHead, FSDPEngineWithValueHead
 
+import dqo_verl.cpu_platform as cpu_platform
+
 # every get_torch_device().<name> that verl 0.9.1 calls
 VERL_DEVICE_CALLS = [
-    "empty_cache", "synchronize", "is_available", "current_stream", "set_device", "mem_get_info", "stream",
-    "Stream", "set_rng_state", "set_per_process_memory_fraction", "ipc_collect", "get_rng_state", "device_count",
-    "memory_reserved", "memory_allocated", "max_memory_reserved", "max_memory_allocated", "get_device_name", "Event",
+    "empty_cache",
+    "synchronize",
+    "is_available",
+    "current_stream",
+    "set_device",
+    "mem_get_info",
+    "stream",
+    "Stream",
+    "set_rng_state",
+    "set_per_process_memory_fraction",
+    "ipc_collect",
+    "get_rng_state",
+    "device_count",
+    "memory_reserved",
+    "memory_allocated",
+    "max_memory_reserved",
+    "max_memory_allocated",
+    "get_device_name",
+    "Event",
 ]
 
 
@@ -75,7 +91,10 @@ def _device_in_subprocess(**env) -> str:
 def test_verl_alone_has_no_cpu_platform_and_the_plugin_loads_both_ways():
     assert _device_in_subprocess(VERL_USE_EXTERNAL_PLUGINS="none") == "cuda"  # verl's fallback without us
     assert _device_in_subprocess() == "cpu"  # entry point
-    assert _device_in_subprocess(VERL_USE_EXTERNAL_PLUGINS="none", VERL_USE_EXTERNAL_MODULES="dqo_verl.cpu_platform") == "cpu"
+    assert (
+        _device_in_subprocess(VERL_USE_EXTERNAL_PLUGINS="none", VERL_USE_EXTERNAL_MODULES="dqo_verl.cpu_platform")
+        == "cpu"
+    )
 
 
 @pytest.mark.gpu

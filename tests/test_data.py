@@ -5,7 +5,6 @@ import math
 import numpy as np
 import pandas as pd
 import pytest
-import torch
 
 from dqo_verl.data import (
     BatchSpec,
@@ -114,7 +113,9 @@ def test_valid_corpus_passes_and_missing_file_is_named(tmp_path):
     with pytest.raises(CorpusError, match="row 1, field 'response_ids': token id 15 outside the vocabulary"):
         validate_corpus(rows(), "c.parquet", vocab_size=15)
     with pytest.raises(CorpusError, match="row 1, field 'prompt_ids': token id -3"):
-        validate_corpus(rows().assign(prompt_ids=[[5, 6, 7], [-3]]), "c.parquet")  # negative: bad with no vocabulary too
+        validate_corpus(
+            rows().assign(prompt_ids=[[5, 6, 7], [-3]]), "c.parquet"
+        )  # negative: bad with no vocabulary too
     with pytest.raises(CorpusError, match="does not exist"):
         read_corpus(tmp_path / "nope.parquet")
     (tmp_path / "junk.parquet").write_text("not parquet")
@@ -134,7 +135,9 @@ def test_length_limits_truncate_or_drop():
     assert len(dropped) == 1 and dropped.at[0, "response_ids"] == [10, 11]
     short_prompts, stats = apply_length_limits(df, 2, 10, "drop")
     assert stats["prompt_too_long_dropped"] == 1 and len(short_prompts) == 1
-    cut_segments, _ = apply_length_limits(df.assign(segment_ends=[[0], [3]], process_rewards=[[0.5], [0.3]]), 3, 3, "truncate")
+    cut_segments, _ = apply_length_limits(
+        df.assign(segment_ends=[[0], [3]], process_rewards=[[0.5], [0.3]]), 3, 3, "truncate"
+    )
     assert cut_segments.at[1, "segment_ends"] == [] and cut_segments.at[1, "process_rewards"] == []
     with pytest.raises(ValueError, match="overlong"):
         apply_length_limits(df, 3, 3, "wrap")
@@ -158,7 +161,7 @@ def test_atomic_parquet_write_keeps_metadata_and_leaves_no_temp(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["x.parquet"]
 
     before = path.read_bytes()
-    with pytest.raises(Exception):  # an unserialisable frame fails mid-write
+    with pytest.raises(Exception):  # noqa: B017 - whatever pyarrow raises for an unserialisable frame
         write_parquet_atomic(pd.DataFrame({"a": [object()]}), path)
     assert path.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["x.parquet"]

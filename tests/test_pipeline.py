@@ -53,8 +53,12 @@ def config(tmp_path, stages=("a", "b", "c"), redo=None, **x):
     if not external.exists():
         external.write_text("E")
     return OmegaConf.create(
-        {"root": str(tmp_path), "external": str(external), "x": {"a": 1, "b": 1, **x},
-         "pipeline": {"stages": list(stages), "redo": redo}}
+        {
+            "root": str(tmp_path),
+            "external": str(external),
+            "x": {"a": 1, "b": 1, **x},
+            "pipeline": {"stages": list(stages), "redo": redo},
+        }
     )
 
 
@@ -163,13 +167,39 @@ def test_a_missing_output_is_remade_and_outputs_made_elsewhere_are_used_as_they_
 def test_the_recipes_plan_their_stages_from_inputs_and_outputs():
     tiny = compose_config("tiny_cpu")
     assert [s.name for s in make_plan(tiny, ["eval"]).stages] == [
-        "base", "sft", "value", "prompts", "corpus", "score", "train", "eval"]
-    assert [s.name for s in make_plan(tiny, ["process"]).stages] == ["base", "sft", "prompts", "corpus", "score", "process"]
+        "base",
+        "sft",
+        "value",
+        "prompts",
+        "corpus",
+        "score",
+        "train",
+        "eval",
+    ]
+    assert [s.name for s in make_plan(tiny, ["process"]).stages] == [
+        "base",
+        "sft",
+        "prompts",
+        "corpus",
+        "score",
+        "process",
+    ]
     ps = compose_config("qwen2_gsm8k_ps")
     assert [s.name for s in make_plan(ps, list(ps.pipeline.stages)).stages] == [
-        "prompts", "corpus", "score", "process", "train", "eval", "report"]
+        "prompts",
+        "corpus",
+        "score",
+        "process",
+        "train",
+        "eval",
+        "report",
+    ]
     plain = compose_config("qwen2_gsm8k")
     assert [s.name for s in make_plan(plain, ["train"]).stages] == ["prompts", "corpus", "score", "train"]
     keys = pipeline.config_values(tiny, ("rollout.n", "models.base"))
-    assert keys == {"rollout.n": 16, "models.base.builder": "tiny", "models.base.out": "outputs/tiny_cpu/assets/base",
-                    "models.base.seed": 0}
+    assert keys == {
+        "rollout.n": 16,
+        "models.base.builder": "tiny",
+        "models.base.out": "outputs/tiny_cpu/assets/base",
+        "models.base.seed": 0,
+    }

@@ -7,9 +7,8 @@ import pytest
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-from dqo_verl.process import search_prefixes
 from dqo_verl import synthetic
-from dqo_verl.process import SearchState, process_rewards, search, segment_ends, separator_ends
+from dqo_verl.process import SearchState, process_rewards, search, search_prefixes, segment_ends, separator_ends
 
 TEXT = "3*4=12\n\n5+12=17\n\n\n17-2=15\n\n#### 15"
 
@@ -49,8 +48,12 @@ def bpe_tokenizer():
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=800, special_tokens=["<eos>"],
-                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok.train_from_iterator(
+        texts,
+        trainers.BpeTrainer(
+            vocab_size=800, special_tokens=["<eos>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+        ),
+    )
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>")
 
 
@@ -73,7 +76,7 @@ def test_both_strategies_find_the_threshold(n):
     probes = {"linear": 0, "binary": 0}
     for threshold in range(n):  # prefixes 1..threshold are correct
         for strategy in probes:
-            found, tried = search(n, lambda i: i <= threshold, strategy)
+            found, tried = search(n, lambda i, t=threshold: i <= t, strategy)
             assert found == threshold
             probes[strategy] += len(tried)
     if n >= 5:
@@ -131,17 +134,38 @@ def test_batched_search_with_seeded_completions(tiny_models):
     rows = []
     for uid, p in enumerate(problems):
         wrong = p["solution"].rsplit("#### ", 1)[0] + "#### 0"
-        prompt = tok.apply_chat_template([{"role": "user", "content": p["question"]}], add_generation_prompt=True, tokenize=True)["input_ids"]
-        rows.append({"uid": uid, "sample": 0, "prompt_ids": prompt, "response_ids": tok(wrong)["input_ids"] + [tok.eos_token_id],
-                     "reward_model": {"ground_truth": p["answer"]}, "data_source": synthetic.DATA_SOURCE, "score": 0.0})
+        prompt = tok.apply_chat_template(
+            [{"role": "user", "content": p["question"]}], add_generation_prompt=True, tokenize=True
+        )["input_ids"]
+        rows.append(
+            {
+                "uid": uid,
+                "sample": 0,
+                "prompt_ids": prompt,
+                "response_ids": tok(wrong)["input_ids"] + [tok.eos_token_id],
+                "reward_model": {"ground_truth": p["answer"]},
+                "data_source": synthetic.DATA_SOURCE,
+                "score": 0.0,
+            }
+        )
     corpus = pd.DataFrame(rows)
     ends = [segment_ends(ids, tok) for ids in corpus["response_ids"]]
     thresholds = {row: row % len(ends[row]) for row in range(len(corpus))}
     found, spent = {}, {}
     for strategy in ("linear", "binary"):
         completer = ThresholdCompleter(corpus, ends, tok, thresholds)
-        found[strategy], spend = search_prefixes(corpus, ends, list(range(len(corpus))), completer, strategy, k=6, seed=0,
-                                                 params={}, tokenizer=tok, workers=1)
+        found[strategy], spend = search_prefixes(
+            corpus,
+            ends,
+            list(range(len(corpus))),
+            completer,
+            strategy,
+            k=6,
+            seed=0,
+            params={},
+            tokenizer=tok,
+            workers=1,
+        )
         assert spend.completions == completer.requests
         spent[strategy] = spend.completions
     assert found["linear"] == found["binary"] == thresholds

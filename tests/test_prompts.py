@@ -48,14 +48,21 @@ def test_gsm8k_loader_and_template(tmp_path):
 
 def test_math_loaders_take_the_last_boxed_answer(tmp_path):
     rows = [
-        {"problem": "Compute $1+1$.", "level": "Level 1", "type": "Algebra", "solution": "We get $\\boxed{1}$, no: $\\boxed{2}$."},
+        {
+            "problem": "Compute $1+1$.",
+            "level": "Level 1",
+            "type": "Algebra",
+            "solution": "We get $\\boxed{1}$, no: $\\boxed{2}$.",
+        },
         {"problem": "Simplify.", "level": "Level 2", "type": "Algebra", "solution": "It is $\\boxed{\\frac{1}{2}}$."},
     ]
     df, _ = build_prompts("math", str(write(tmp_path, "math", rows, "jsonl")))
     assert df["reward_model"].map(lambda r: r["ground_truth"]).tolist() == ["2", "\\frac{1}{2}"]
     assert df.iloc[0]["prompt"][0]["content"] == "Compute $1+1$.\n" + MATH_INSTRUCTION
     assert MATH_INSTRUCTION == "Please reason step by step, and put your final answer within \\boxed{}."
-    m500 = [{"problem": "P", "solution": "s \\boxed{3}", "answer": "3", "subject": "Algebra", "level": 1, "unique_id": "a"}]
+    m500 = [
+        {"problem": "P", "solution": "s \\boxed{3}", "answer": "3", "subject": "Algebra", "level": 1, "unique_id": "a"}
+    ]
     df5, _ = build_prompts("math500", str(write(tmp_path, "m500", m500)))
     assert df5.iloc[0]["reward_model"]["ground_truth"] == "3" and df5.iloc[0]["data_source"] == "HuggingFaceH4/MATH-500"
 
@@ -140,7 +147,10 @@ def test_every_source_declares_an_answer_format_that_grading_knows():
         assert src.answer_format in ANSWER_FORMATS
         assert answer_format(src.data_source) == answer_format(name) == answer_format(src.hub) == src.answer_format
     assert [answer_format(s) for s in ("openai/gsm8k", "DigitalLearningGmbH/MATH-lighteval", "aime24")] == [
-        "gsm8k", "boxed", "boxed"]
+        "gsm8k",
+        "boxed",
+        "boxed",
+    ]
     assert answer_format(build_synthetic_prompts(1, seed=0).iloc[0]["data_source"]) == "gsm8k"
     assert answer_format("reasoning_gym/basic_arithmetic") == "gsm8k_or_last_number"
     assert answer_format("my/own_set") is None and answer_format("reasoning_gym") is None

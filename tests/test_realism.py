@@ -33,12 +33,21 @@ def test_reasoning_gym_config_and_exclusion():
     pytest.importorskip("reasoning_gym")
     from dqo_verl.prompts import build_reasoning_gym_prompts
 
-    easy = {"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 1, "operators": ["+"],
-            "allow_parentheses": False, "allow_negation": False}
+    easy = {
+        "min_terms": 2,
+        "max_terms": 2,
+        "min_digits": 1,
+        "max_digits": 1,
+        "operators": ["+"],
+        "allow_parentheses": False,
+        "allow_negation": False,
+    }
     train = build_reasoning_gym_prompts("basic_arithmetic", 30, seed=0, config=easy)
     prompts = set(train["prompt"].map(lambda m: m[0]["content"]))
     assert len(prompts) == 30  # no repeats, though 1-digit sums repeat often
-    for q, truth in zip(train["extra_info"].map(lambda e: e["question"]), train["reward_model"].map(lambda r: r["ground_truth"])):
+    for q, truth in zip(
+        train["extra_info"].map(lambda e: e["question"]), train["reward_model"].map(lambda r: r["ground_truth"])
+    ):
         a, b = map(int, q.removeprefix("Calculate ").rstrip(".").split(" + "))
         assert a + b == int(truth) and 0 <= a <= 10 and 0 <= b <= 10  # "1 digit": up to 10 in reasoning-gym
     test = build_reasoning_gym_prompts("basic_arithmetic", 30, seed=10**6, split="test", config=easy, exclude=prompts)
@@ -65,9 +74,13 @@ def test_smollm2_gguf_converts_to_an_equivalent_hf_checkpoint(tmp_path):
 
     gguf = smollm2_gguf()
     direct = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32).eval()
-    ids = tokenizer.apply_chat_template([{"role": "user", "content": "What is 12 + 30?"}], add_generation_prompt=True,
-                                        return_tensors="pt", return_dict=True)["input_ids"]
+    ids = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "What is 12 + 30?"}],
+        add_generation_prompt=True,
+        return_tensors="pt",
+        return_dict=True,
+    )["input_ids"]
     with torch.no_grad():
         assert torch.equal(model(ids).logits, direct(ids).logits)
-        reply = model.generate(ids, max_new_tokens=12, do_sample=False)[0, ids.shape[1]:]
+        reply = model.generate(ids, max_new_tokens=12, do_sample=False)[0, ids.shape[1] :]
     assert tokenizer.decode(reply, skip_special_tokens=True).strip()  # an instruct model answers in text

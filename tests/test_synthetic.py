@@ -49,7 +49,11 @@ def test_rows_are_verl_prompt_rows():
     rows = synthetic.to_rows(synthetic.make_problems(3, seed=0), "test")
     assert rows[0]["prompt"][0]["role"] == "user"
     assert rows[2]["reward_model"]["ground_truth"] == synthetic.make_problems(3, seed=0)[2]["answer"]
-    assert rows[1]["extra_info"] == {"split": "test", "index": 1, "solution": synthetic.make_problems(3, seed=0)[1]["solution"]}
+    assert rows[1]["extra_info"] == {
+        "split": "test",
+        "index": 1,
+        "solution": synthetic.make_problems(3, seed=0)[1]["solution"],
+    }
 
 
 def test_gold_solutions_grade_correct():

@@ -1,4 +1,4 @@
-"""The training driver end to end: Ray groups of 2 ranks, DQO losses, reference cache, checkpoints, export."""
+"""The training driver end to end: colocated Ray groups of 2 ranks, DQO losses, reference cache, checkpoints, export."""
 
 import json
 import shutil
@@ -10,8 +10,10 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from dqo_verl.main import compose_config
-from dqo_verl.trainer import DQOTrainer
+from dqo_verl import algo
+from dqo_verl.cli import compose_config
+from dqo_verl.data import BatchSpec, build_batch
+from dqo_verl.trainers import DQOTrainer, make_trainer
 
 pytestmark = pytest.mark.slow
 
@@ -37,7 +39,7 @@ def config(tiny_models, corpus, out, *extra):
 
 
 def train(cfg):
-    trainer = DQOTrainer(cfg)
+    trainer = make_trainer(cfg)
     try:
         trainer.fit()
         return trainer.history
@@ -53,21 +55,36 @@ def private_copy(corpus, tmp_path):
     return path
 
 
-def test_dqo_training_end_to_end(ray_session, tiny_models, tiny_corpus, tmp_path, capsys):
-    out = tmp_path / "run"
-    tiny_corpus = private_copy(tiny_corpus, tmp_path)
-    cache = tiny_corpus.with_name("corpus.ref.parquet")
-    cfg = config(
-        tiny_models, tiny_corpus, out,
-        "trainer.total_epochs=6", "algorithm.lam=0.5", "policy.optim.lr=3e-3", "value.optim.lr=3e-3",
-    )
-    history = train(cfg)
-    printed = capsys.readouterr().out
+@pytest.fixture(scope="module")
+def e2e(ray_session, tiny_models, tiny_corpus, tmp_path_factory):
+    """One DQO run of 6 epochs on a private corpus copy (its reference cache starts absent)."""
+    import contextlib
+    import io
 
-    # the reference group ran once and wrote the cache, which equals the initial policy's log-probs
-    assert "[ref] computing reference log-probs of 64 responses" in printed
-    cached = pd.read_parquet(cache)
-    corpus = pd.read_parquet(tiny_corpus)
+    tmp = tmp_path_factory.mktemp("e2e")
+    corpus = private_copy(tiny_corpus, tmp)
+    out = tmp / "run"
+    cfg = config(
+        tiny_models,
+        corpus,
+        out,
+        "trainer.total_epochs=6",
+        "algorithm.lam=0.5",
+        "policy.optim.lr=3e-3",
+        "value.optim.lr=3e-3",
+    )
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        history = train(cfg)
+    return {"history": history, "printed": printed.getvalue(), "corpus": corpus, "out": out, "tmp": tmp}
+
+
+def test_dqo_training_end_to_end(e2e, tiny_models):
+    history, printed, out = e2e["history"], e2e["printed"], e2e["out"]
+    # the initial policy computed the reference cache before its first update
+    assert "[ref] computing reference log-probs of 64 responses with the initial policy" in printed
+    cached = pd.read_parquet(e2e["corpus"].with_name("corpus.ref.parquet"))
+    corpus = pd.read_parquet(e2e["corpus"])
     assert len(cached) == len(corpus)
     assert all(len(r) == len(lp) for r, lp in zip(cached["response_ids"], cached["ref_logprobs"]))
     assert np.isfinite(np.concatenate(cached["ref_logprobs"].to_list())).all()
@@ -99,35 +116,53 @@ def test_dqo_training_end_to_end(ray_session, tiny_models, tiny_corpus, tmp_path
     trained = model.state_dict()
     assert start.keys() <= trained.keys()
     assert any(not torch.allclose(trained[k], start[k]) for k in start)
-    assert AutoTokenizer.from_pretrained(export)("a\n\nb")["input_ids"] == AutoTokenizer.from_pretrained(tiny_models[0])(
-        "a\n\nb"
-    )["input_ids"]
+    assert (
+        AutoTokenizer.from_pretrained(export)("a\n\nb")["input_ids"]
+        == AutoTokenizer.from_pretrained(tiny_models[0])("a\n\nb")["input_ids"]
+    )
+    assert (out / "export" / "value" / "model.safetensors").exists()  # every model is exported
 
 
-def test_reference_cache_is_reused(ray_session, tiny_models, tiny_corpus, tmp_path, capsys):
-    tiny_corpus = private_copy(tiny_corpus, tmp_path)
-    cache = tiny_corpus.with_name("corpus.ref.parquet")
-    train(config(tiny_models, tiny_corpus, tmp_path / "first", "trainer.total_training_steps=1"))
-    assert "computing reference" in capsys.readouterr().out
+def test_reference_cache_is_reused_and_a_reference_group_computes_the_same(e2e, tiny_models, tmp_path, capsys):
+    cache = e2e["corpus"].with_name("corpus.ref.parquet")
     stamp = cache.stat().st_mtime_ns
     capsys.readouterr()
-    history = train(config(tiny_models, tiny_corpus, tmp_path / "again", "trainer.total_training_steps=1"))
+    history = train(config(tiny_models, e2e["corpus"], tmp_path / "again", "trainer.total_training_steps=1"))
     printed = capsys.readouterr().out
     assert "[ref] reusing cached reference log-probs" in printed
     assert "computing reference" not in printed
     assert cache.stat().st_mtime_ns == stamp
     assert len(history) == 1 and abs(history[0]["dqo/kl_seq_mean"]) < 1e-4
 
+    # a reference that is not the initial policy (same weights, another folder) gets a forward-only group
+    ref_copy = tmp_path / "ref"
+    shutil.copytree(tiny_models[0], ref_copy)
+    other_cache = tmp_path / "other.ref.parquet"
+    train(
+        config(
+            tiny_models,
+            e2e["corpus"],
+            tmp_path / "ref_run",
+            "trainer.total_training_steps=1",
+            f"ref.path={ref_copy}",
+            f"data.ref_cache_file={other_cache}",
+        )
+    )
+    assert f"[ref] computing reference log-probs of 64 responses with {ref_copy}" in capsys.readouterr().out
+    ours = np.concatenate(pd.read_parquet(other_cache)["ref_logprobs"].to_list())
+    assert np.abs(ours - np.concatenate(pd.read_parquet(cache)["ref_logprobs"].to_list())).max() < 1e-5
+
 
 def bare_dqo_step(cfg, rows):
     """algo.py on plain transformers models in this process: losses and gradient norms of one update."""
     from transformers import AutoModelForTokenClassification
 
-    from dqo_verl import algo
-    from dqo_verl.data import BatchSpec, build_batch
-
-    policy = AutoModelForCausalLM.from_pretrained(cfg.policy.model.path, dtype=torch.float32, attn_implementation="eager")
-    value = AutoModelForTokenClassification.from_pretrained(cfg.value.model.path, dtype=torch.float32, attn_implementation="eager")
+    policy = AutoModelForCausalLM.from_pretrained(
+        cfg.policy.model.path, dtype=torch.float32, attn_implementation="eager"
+    )
+    value = AutoModelForTokenClassification.from_pretrained(
+        cfg.value.model.path, dtype=torch.float32, attn_implementation="eager"
+    )
     b = build_batch(rows, BatchSpec(pad_token_id=0, granularity=cfg.algorithm.granularity))
 
     def response_outputs(model, kind):
@@ -140,28 +175,30 @@ def bare_dqo_step(cfg, rows):
     mask, ends, a = b["response_mask"].bool(), b["action_ends"], cfg.algorithm
     log_ratio = torch.where(mask, response_outputs(policy, "log_probs") - b["ref_logprobs"], 0.0)
     values = response_outputs(value, "values")
-    a_lr, a_r = algo.collapse_to_actions(log_ratio, ends), algo.collapse_to_actions(b["rewards"], ends)
-    a_v, a_m = algo.values_at_action_starts(values, ends), algo.action_mask(ends)
-    returns = algo.compute_lambda_returns(a_r, a_lr, a_v, a_m, a.beta, a.lam)
-    weights = algo.compute_is_weights(a_lr, a_m, a.is_log_clip)
-    p_loss, _ = algo.dqo_policy_loss(a_lr, a_v.detach(), a_r, returns, weights, a_m, a.beta)
-    v_loss, _ = algo.dqo_value_loss(a_v, returns, weights, a_m)
+    t = algo.dqo_targets(log_ratio, values, b["rewards"], ends, a.beta, a.lam, a.is_log_clip)
+    p_loss, _ = algo.dqo_policy_loss(
+        algo.collapse_to_actions(log_ratio, ends), t.values, t.rewards, t.returns, t.weights, t.mask, a.beta
+    )
+    v_loss, _ = algo.dqo_value_loss(algo.values_at_action_starts(values, ends), t.returns, t.weights, t.mask)
     (p_loss + v_loss).backward()
     norm = lambda m: torch.sqrt(sum((p.grad**2).sum() for p in m.parameters() if p.grad is not None)).item()  # noqa: E731
-    return {"policy/loss": p_loss.item(), "value/loss": v_loss.item(), "policy/grad_norm": norm(policy), "value/grad_norm": norm(value)}
+    return {
+        "policy/loss": p_loss.item(),
+        "value/loss": v_loss.item(),
+        "policy/grad_norm": norm(policy),
+        "value/grad_norm": norm(value),
+    }
 
 
 @pytest.mark.parametrize("granularity,lam", [("token", 0.5), ("step", 1.0)])
-def test_worker_update_equals_bare_algo(ray_session, tiny_models, tiny_corpus, tmp_path, granularity, lam):
+def test_worker_update_equals_bare_algo(e2e, tiny_models, tmp_path, granularity, lam):
     """One update through the 2-rank FSDP groups computes what algo.py computes on plain transformers."""
-    cfg = config(tiny_models, private_copy(tiny_corpus, tmp_path), tmp_path / "run",
-                 f"algorithm.granularity={granularity}", f"algorithm.lam={lam}")
-    trainer = DQOTrainer(cfg)
-    try:
+    cfg = config(
+        tiny_models, e2e["corpus"], tmp_path / "run", f"algorithm.granularity={granularity}", f"algorithm.lam={lam}"
+    )
+    with DQOTrainer(cfg) as trainer:  # the reference cache of the e2e run is reused
         rows = trainer.corpus.iloc[:32]
         got = trainer.train_step(rows, 0)
-    finally:
-        trainer.shutdown()
     want = bare_dqo_step(cfg, rows)
     for key, value in want.items():
         assert got[key] == pytest.approx(value, rel=1e-4), key

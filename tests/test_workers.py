@@ -4,13 +4,12 @@ import pandas as pd
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoModelForTokenClassification
-
 from verl.utils import tensordict_utils as tu
 from verl.workers.utils.padding import left_right_2_no_padding, no_padding_2_padding
 
+from dqo_verl.cli import compose_config
 from dqo_verl.data import BatchSpec, build_batch
-from dqo_verl.main import compose_config
-from dqo_verl.workers import make_resource_pool, make_worker_group, release, release_pool, with_meta
+from dqo_verl.workers import Role, make_resource_pool, release, release_pool, start_groups
 
 pytestmark = pytest.mark.slow
 
@@ -53,16 +52,19 @@ def test_worker_log_probs_and_values_equal_transformers(ray_session, tiny_models
     rows = pd.read_parquet(tiny_corpus).iloc[:8]
     batch = build_batch(rows, BatchSpec(pad_token_id=0))
     pool = make_resource_pool(1, 2, name="wtest")
-    try:
-        policy = make_worker_group(pool, "policy", "language_model", cfg.policy, cfg.checkpoint)
-        value = make_worker_group(pool, "value", "value_model", cfg.value, cfg.checkpoint)
+    try:  # both models in one colocated process per rank
+        groups = start_groups(
+            pool,
+            {"policy": Role("language_model", cfg.policy), "value": Role("value_model", cfg.value)},
+            cfg.checkpoint,
+        )
         td = left_right_2_no_padding(batch.copy())
-        lp = tu.get(policy.infer_batch(with_meta(td, compute_loss=False, calculate_entropy=False)).get(), "log_probs")
-        v = tu.get(value.infer_batch(with_meta(td, compute_loss=False)).get(), "values")
+        lp = tu.get(groups["policy"].infer(td, "in the test", calculate_entropy=False), "log_probs")
+        v = tu.get(groups["value"].infer(td, "in the test"), "values")
         worker_lp = no_padding_2_padding(lp, td).double()
         worker_v = no_padding_2_padding(v, td).double()
-        release(policy)
-        release(value)
+        assert len({w for g in groups.values() for w in g.worker_group.workers}) == 2
+        release(g.worker_group for g in groups.values())
     finally:
         release_pool(pool)
     mask = batch["response_mask"].bool()

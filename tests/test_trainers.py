@@ -1,0 +1,56 @@
+"""The trainer family: `algorithm.name` picks the method; each declares its models, columns and batches."""
+
+import pytest
+
+from dqo_verl.cli import InputError, compose_config
+from dqo_verl.driver import Trainer
+from dqo_verl.trainers import TRAINERS, DQOTrainer, DROTrainer, SFTTrainer, make_trainer
+
+
+def cfg(tiny_models, corpus, *extra):
+    return compose_config(
+        "tiny_cpu",
+        [
+            f"data.train_files={corpus}",
+            f"policy.model.path={tiny_models[0]}",
+            f"value.model.path={tiny_models[1]}",
+            *extra,
+        ],
+    )
+
+
+def test_algorithm_name_picks_the_trainer_and_its_granularity(tiny_models, tiny_corpus):
+    assert set(TRAINERS) == {"dqo", "dro", "sft"} and all(issubclass(t, Trainer) for t in TRAINERS.values())
+    dqo = make_trainer(cfg(tiny_models, tiny_corpus))
+    assert type(dqo) is DQOTrainer and dqo.spec_granularity == "token"
+    assert dqo.roles == {"policy": "language_model", "value": "value_model"} and dqo.uses_reference
+    step = make_trainer(cfg(tiny_models, tiny_corpus, "algorithm.granularity=step"))
+    assert step.spec_granularity == "step"
+    dro = make_trainer(cfg(tiny_models, tiny_corpus, "algorithm.name=dro"))
+    assert type(dro) is DROTrainer and dro.spec_granularity == "sequence"
+    rows = dro.corpus.iloc[:4]
+    assert dro.make_batch(rows)["action_ends"].sum(dim=1).tolist() == [1, 1, 1, 1]  # one action per response
+    assert dqo.make_batch(rows)["action_ends"].sum(dim=1).tolist() == rows["response_ids"].map(len).tolist()
+    sft = make_trainer(cfg(tiny_models, tiny_corpus, "algorithm.name=sft"))
+    assert type(sft) is SFTTrainer and sft.roles == {"policy": "language_model"} and not sft.uses_reference
+
+
+def test_bad_method_settings_are_input_errors(tiny_models, tiny_corpus):
+    with pytest.raises(
+        InputError, match="algorithm.granularity=token is not one of \\('sequence',\\) for algorithm.name=dro"
+    ):
+        make_trainer(cfg(tiny_models, tiny_corpus, "algorithm.name=dro", "algorithm.granularity=token"))
+    with pytest.raises(InputError, match="algorithm.name=ppo is not one of"):
+        make_trainer(cfg(tiny_models, tiny_corpus, "algorithm.name=ppo"))
+    with pytest.raises(InputError, match="train_batch_size=24 must be a multiple of the 2 ranks x policy.engine"):
+        make_trainer(cfg(tiny_models, tiny_corpus, "data.train_batch_size=24"))
+    with pytest.raises(InputError, match="64 rows, fewer than data.train_batch_size=128"):
+        make_trainer(cfg(tiny_models, tiny_corpus, "data.train_batch_size=128"))
+
+
+def test_the_config_passed_in_is_left_as_it_was(tiny_models, tiny_corpus):
+    config = cfg(tiny_models, tiny_corpus)
+    before = str(config)
+    trainer = make_trainer(config)
+    assert trainer.sections["policy"].model.override_config.attn_implementation == "sdpa"
+    assert str(config) == before and config.policy.model.override_config.attn_implementation is None
