@@ -104,8 +104,8 @@ class LocalRayCluster:
             time.sleep(1)
         raise TimeoutError("Ray job server did not come up")
 
-    def submit(self, entrypoint: list[str], working_dir: Path, timeout: float = 600) -> tuple[str, str]:
-        """Submit a job, wait for it to end; returns (status, logs)."""
+    def submit(self, entrypoint: list[str], working_dir: Path) -> str:
+        """Submit a job; returns its id (`wait_job` waits for it)."""
         out = self._ray(
             "job",
             "submit",
@@ -117,7 +117,10 @@ class LocalRayCluster:
             timeout=120,
         )
         assert out.returncode == 0, out.stdout + out.stderr
-        job_id = re.search(r"raysubmit_[A-Za-z0-9]+", out.stdout).group(0)
+        return re.search(r"raysubmit_[A-Za-z0-9]+", out.stdout).group(0)
+
+    def wait_job(self, job_id: str, timeout: float = 600) -> tuple[str, str]:
+        """Wait for a submitted job to end; returns (status, logs)."""
         deadline = time.time() + timeout
         status = "UNKNOWN"
         while time.time() < deadline:
@@ -157,7 +160,7 @@ class LocalRayCluster:
                 p.send_signal(signal.SIGTERM)
             except psutil.NoSuchProcess:
                 pass
-        _, alive = psutil.wait_procs(procs, timeout=10)
+        _, alive = psutil.wait_procs(procs, timeout=3)
         for p in alive:
             try:
                 p.kill()

@@ -73,21 +73,6 @@ def tracker_step(out: Path) -> int | None:
         return None
 
 
-def test_ray_job_submit_on_two_nodes(cluster, tiny_models, tiny_corpus, tmp_path):
-    out = tmp_path / "job"
-    entry = [
-        "python",
-        "-m",
-        "dqo_verl.main",
-        *overrides(tiny_models, tiny_corpus, out, "trainer.total_training_steps=2"),
-    ]
-    status, logs = cluster.submit(entry, working_dir=REPO)
-    assert status == "SUCCEEDED", logs[-3000:]
-    assert "[pool] 2 ranks on 2 node(s) (cpu)" in logs
-    assert (out / "export" / "policy" / "model.safetensors").exists()
-    assert tracker_step(out) == 2
-
-
 def weights(out: Path, step: int) -> dict:
     return {
         part: load_file(out / "checkpoints" / f"global_step_{step}" / part / "huggingface" / "model.safetensors")
@@ -99,7 +84,9 @@ def records(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_resume_after_sigkill_is_bit_exact(cluster, tiny_models, tiny_corpus, tmp_path):
+def test_job_submit_on_two_nodes_then_a_sigkilled_run_resumes_bit_exact(cluster, tiny_models, tiny_corpus, tmp_path):
+    """A straight run through `ray job submit` and, beside it, the same run killed mid-update and resumed:
+    the same weights, data order and losses."""
     # 64 rows / 16 = 4 updates per epoch, 2 epochs; checkpoints every 3 updates and at epoch ends, keep 2
     common = [
         "data.train_batch_size=16",
@@ -113,26 +100,21 @@ def test_resume_after_sigkill_is_bit_exact(cluster, tiny_models, tiny_corpus, tm
         ],
     ]
     straight, broken = tmp_path / "straight", tmp_path / "broken"
-    subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "dqo_verl.main",
-            *overrides(tiny_models, tiny_corpus, straight, *common),
-            f"ray_init.address={cluster.address}",
-        ],
-        cwd=REPO,
-        env=driver_env(cluster),
-        check=True,
-        capture_output=True,
+    job = cluster.submit(
+        ["python", "-m", "dqo_verl.main", *overrides(tiny_models, tiny_corpus, straight, *common)], working_dir=REPO
     )
-
     proc = start_driver(cluster, overrides(tiny_models, tiny_corpus, broken, *common), tmp_path / "broken1.log")
     wait_for(lambda: tracker_step(broken) == 3, proc=proc, what="the step-3 checkpoint")
     os.killpg(proc.pid, signal.SIGKILL)  # mid-epoch (update 3 of 4), mid-update 4
     proc.wait()
     before = records(broken)
     assert 3 <= len(before) < 8
+
+    status, logs = cluster.wait_job(job)
+    assert status == "SUCCEEDED", logs[-3000:]
+    assert "[pool] 2 ranks on 2 node(s) (cpu)" in logs
+    assert (straight / "export" / "policy" / "model.safetensors").exists()
+    assert tracker_step(straight) == 8
 
     resumed = subprocess.run(
         [

@@ -68,23 +68,10 @@ def test_paper_recipes_follow_appendix_a2():
             assert cfg.data.train_files == f"outputs/{name}/data/{corpus}"  # _ps reuses its base recipe's corpus
 
 
-def test_paper_recipe_paths_are_overridable_and_printed_by_cfg_job():
+def test_paper_recipe_paths_are_overridable():
     for name in ("qwen_numina", "gemma_math_ps"):
-        out = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "dqo_verl.main",
-                f"+recipe={name}",
-                "policy.model.path=/models/mine",
-                "--cfg",
-                "job",
-            ],
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout
-        cfg = OmegaConf.to_container(OmegaConf.create(out), resolve=True)
+        cfg = OmegaConf.to_container(compose_config(name, ["policy.model.path=/models/mine"]), resolve=True)
         assert cfg["policy"]["model"]["path"] == "/models/mine"
         assert cfg["value"]["model"]["path"] == "/models/mine"  # the value model follows the policy
+        assert cfg["ref"]["path"] == "/models/mine" and cfg["evaluate"]["models"][0] == "/models/mine"
         assert cfg["trainer"]["experiment_name"] == name

@@ -88,9 +88,10 @@ def _device_in_subprocess(**env) -> str:
     return out.stdout.strip().splitlines()[-1]
 
 
+@pytest.mark.slow
 def test_verl_alone_has_no_cpu_platform_and_the_plugin_loads_both_ways():
     assert _device_in_subprocess(VERL_USE_EXTERNAL_PLUGINS="none") == "cuda"  # verl's fallback without us
-    assert _device_in_subprocess() == "cpu"  # entry point
+    # (the entry point is how this test process itself got the platform: test_plugin_is_a_verl_entry_point)
     assert (
         _device_in_subprocess(VERL_USE_EXTERNAL_PLUGINS="none", VERL_USE_EXTERNAL_MODULES="dqo_verl.cpu_platform")
         == "cpu"

@@ -1,4 +1,5 @@
-"""A shortened `make demo`: the pipeline runs every stage of tiny_cpu in order, and a rerun only what changed."""
+"""A shortened `make demo`: the pipeline runs every stage of tiny_cpu in order, and a rerun only what changed
+or what it has not run yet."""
 
 import json
 import re
@@ -14,10 +15,10 @@ from transformers import AutoModelForCausalLM
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
 SHORT = [
-    "sft.steps=40",
-    "sft.problems=1280",
-    "sft.check_every=20",
-    "sft.check_from=20",
+    "sft.steps=20",
+    "sft.problems=640",
+    "sft.check_every=10",
+    "sft.check_from=10",
     "sft.target_accuracy=0",
     "sft.dev_problems=20",
     "dataset.limit=16",
@@ -47,19 +48,26 @@ def test_short_demo_end_to_end(tmp_path):
     assert f"[pipeline] stages: {stages}" in out and out.count(": running (no record of an earlier run)") == 10
 
     # the warm-up stops at the first dev check that reaches the target (0 here: the first)
-    assert "[sft] step 20: greedy accuracy" in out and "over 20 steps" in out
+    assert "[sft] step 10: greedy accuracy" in out and "over 10 steps" in out
     data = root / "data"
     questions = {
         name: {m[0]["content"] for m in pd.read_parquet(data / f"{name}.parquet")["prompt"]} for name in ("dev", "sft")
     }
-    assert len(questions["dev"]) == 20 and len(questions["sft"]) == 1280 and not questions["dev"] & questions["sft"]
+    assert len(questions["dev"]) == 20 and len(questions["sft"]) == 640 and not questions["dev"] & questions["sft"]
     prompts = pd.read_parquet(data / "prompts.parquet")
     corpus = pd.read_parquet(data / "corpus.parquet")
     assert len(prompts) == 16 and len(corpus) == 16 * 4
-    assert set(corpus["score"]) <= {0.0, 1.0}
+    assert set(corpus["score"]) <= {0.0, 1.0} and corpus.groupby("uid").size().eq(4).all()
+    assert "[score] 64 responses of 16 prompts" in out
     ps = pd.read_parquet(data / "corpus_ps.parquet")
-    assert len(ps) == len(corpus) and ps["process_rewards"].map(len).eq(ps["segment_ends"].map(len)).all()
-    assert json.loads((data / "process_stats.json").read_text())["responses"] == 64
+    assert len(ps) == len(corpus) and (data / "process_prefix.png").exists()
+    for ends, rewards, prefix, s, ids in zip(
+        ps["segment_ends"], ps["process_rewards"], ps["correct_prefix"], ps["score"], ps["response_ids"]
+    ):
+        assert len(ends) == len(rewards) and ends[-1] == len(ids) - 1 and list(ends) == sorted(set(ends))
+        assert sum(rewards) == pytest.approx(1.0 if s == 1 else prefix / len(ends))
+    stats = json.loads((data / "process_stats.json").read_text())
+    assert stats["responses"] == 64 and stats["failed_responses_searched"] == int((ps["score"] == 0).sum())
 
     run = root / "run"
     step = int((run / "checkpoints" / "latest_checkpointed_iteration.txt").read_text())
@@ -75,10 +83,17 @@ def test_short_demo_end_to_end(tmp_path):
     assert (root / "value_curves.png").read_bytes()[:4] == b"\x89PNG"
     assert (root / "report.md").read_text().strip().splitlines()[-1] == last
 
-    # a rerun with one evaluation setting changed redoes evaluation and report only, and says why
-    again = pipeline(root, "evaluate.sampling.seeds=[0]")
-    assert again.count("up to date") == 8
-    assert "[pipeline] eval: running (evaluate.sampling.seeds: [0, 1] -> [0])" in again
-    assert f"[pipeline] report: running (input {root / 'eval' / 'summary.json'} was remade by `eval`)" in again
-    assert json.loads((root / "eval" / "summary.json").read_text())["results"]["dqo"]["synthetic sample"]["seeds"] == 1
-    assert re.fullmatch(LAST_LINE, again.strip().splitlines()[-1])
+    # a rerun with one report setting changed and a stage not run yet: only those two run, and it says why
+    again = pipeline(
+        root, "evaluate.sampling.seeds=[0,1]", "report.value_curves=false", "pipeline.stages=[baselines,report]"
+    )
+    assert (
+        "[pipeline] stages: base -> sft -> value -> prompts -> corpus -> score -> baselines -> train -> eval -> report"
+        in again
+    )
+    assert again.count("up to date") == 8 and "[pipeline] baselines: running (no record of an earlier run)" in again
+    assert "[pipeline] report: running (report.value_curves: True -> False" in again
+    for name in ("sft", "rs", "dpo", "kto"):
+        assert (data / "baselines" / f"{name}.parquet").exists()
+    assert "| DQO | 64 | 16 |" in again and (data / "baselines" / "positive_rate.png").exists()
+    assert again.strip().splitlines()[-1] == last  # the same evaluation, reported again

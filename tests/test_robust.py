@@ -31,6 +31,7 @@ def run_main(tmp_path, tiny_models, corpus):
     )
 
 
+@pytest.mark.slow
 def test_bad_corpus_fails_before_ray_with_file_row_and_field(tmp_path, tiny_models):
     corpus = tmp_path / "bad.parquet"
     pd.DataFrame({"prompt_ids": [[1, 2], [3]], "response_ids": [[4], [5, 6]], "score": [1.0, float("nan")]}).to_parquet(
@@ -43,6 +44,7 @@ def test_bad_corpus_fails_before_ray_with_file_row_and_field(tmp_path, tiny_mode
     assert not (tmp_path / "o" / "checkpoints").exists()  # (Hydra's own config snapshot is there)
 
 
+@pytest.mark.slow
 def test_a_token_id_beyond_the_vocabulary_fails_before_ray(tmp_path, tiny_models):
     vocab = AutoConfig.from_pretrained(tiny_models[0]).vocab_size
     corpus = tmp_path / "oov.parquet"

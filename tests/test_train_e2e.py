@@ -124,15 +124,22 @@ def test_dqo_training_end_to_end(e2e, tiny_models):
 
 
 def test_reference_cache_is_reused_and_a_reference_group_computes_the_same(e2e, tiny_models, tmp_path, capsys):
+    from dqo_verl import ref_cache
+
     cache = e2e["corpus"].with_name("corpus.ref.parquet")
     stamp = cache.stat().st_mtime_ns
+    cfg = config(tiny_models, e2e["corpus"], tmp_path / "again")
+    corpus = pd.read_parquet(e2e["corpus"])
     capsys.readouterr()
-    history = train(config(tiny_models, e2e["corpus"], tmp_path / "again", "trainer.total_training_steps=1"))
-    printed = capsys.readouterr().out
-    assert "[ref] reusing cached reference log-probs" in printed
-    assert "computing reference" not in printed
-    assert cache.stat().st_mtime_ns == stamp
-    assert len(history) == 1 and abs(history[0]["dqo/kl_seq_mean"]) < 1e-4
+    # the same corpus, reference and limits: read back, no group needed
+    reused = ref_cache.with_ref_logprobs(
+        corpus, e2e["corpus"], cfg, pool=None, policy=None, reference=None, pad_token_id=0
+    )
+    assert "[ref] reusing cached reference log-probs" in capsys.readouterr().out
+    assert cache.stat().st_mtime_ns == stamp and reused["ref_logprobs"].map(len).equals(corpus["response_ids"].map(len))
+    # other length limits: recomputed (here the check stops before any group would start)
+    other_limits = config(tiny_models, e2e["corpus"], tmp_path / "x", "data.max_response_length=150")
+    assert ref_cache.fingerprint(other_limits, e2e["corpus"]) != ref_cache.fingerprint(cfg, e2e["corpus"])
 
     # a reference that is not the initial policy (same weights, another folder) gets a forward-only group
     ref_copy = tmp_path / "ref"
@@ -191,7 +198,7 @@ def bare_dqo_step(cfg, rows):
 
 
 @pytest.mark.parametrize("granularity,lam", [("token", 0.5), ("step", 1.0)])
-def test_worker_update_equals_bare_algo(e2e, tiny_models, tmp_path, granularity, lam):
+def test_worker_update_equals_bare_algo(e2e, tiny_models, tmp_path, capsys, granularity, lam):
     """One update through the 2-rank FSDP groups computes what algo.py computes on plain transformers."""
     cfg = config(
         tiny_models, e2e["corpus"], tmp_path / "run", f"algorithm.granularity={granularity}", f"algorithm.lam={lam}"
@@ -199,6 +206,7 @@ def test_worker_update_equals_bare_algo(e2e, tiny_models, tmp_path, granularity,
     with DQOTrainer(cfg) as trainer:  # the reference cache of the e2e run is reused
         rows = trainer.corpus.iloc[:32]
         got = trainer.train_step(rows, 0)
+    assert "[ref] reusing cached reference log-probs" in capsys.readouterr().out  # a second run reuses the cache
     want = bare_dqo_step(cfg, rows)
     for key, value in want.items():
         assert got[key] == pytest.approx(value, rel=1e-4), key
