@@ -59,7 +59,7 @@ def convert_smollm2_gguf(out: Path, spec: DictConfig) -> None:
 
 
 BUILDERS: dict[str, Callable[[Path, DictConfig], object]] = {
-    "tiny": lambda out, spec: build_tiny_policy(out, seed=spec.seed),
+    "tiny": lambda out, spec: build_tiny_policy(out, seed=spec.seed, num_layers=spec.get("layers", 4)),
     "smollm2_gguf": convert_smollm2_gguf,
 }
 

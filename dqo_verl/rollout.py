@@ -84,6 +84,8 @@ class VLLMEngine:
             tensor_parallel_size=tp,
             distributed_executor_backend="ray" if tp > 1 else None,
         )
+        if config.get("max_num_seqs"):
+            kwargs["max_num_seqs"] = int(config["max_num_seqs"])
         if config.get("kv_cache_memory_bytes"):
             kwargs["kv_cache_memory_bytes"] = int(config["kv_cache_memory_bytes"])
         else:

@@ -43,6 +43,14 @@ def overrides(tiny_models, corpus, out, *extra):
     ]
 
 
+# 16 responses per update over 2 ranks: micro-batches of 8
+MICRO_BATCHES_OF_8 = [
+    f"{role}.engine.{key}=8"
+    for role in ("policy", "value")
+    for key in ("micro_batch_size_per_gpu", "infer_micro_batch_size_per_gpu")
+]
+
+
 def driver_env(cluster):
     return {**cluster.env, "PYTHONUNBUFFERED": "1"}
 
@@ -93,11 +101,7 @@ def test_job_submit_on_two_nodes_then_a_sigkilled_run_resumes_bit_exact(cluster,
         "trainer.total_epochs=2",
         "trainer.save_freq=3",
         "trainer.max_ckpt_to_keep=2",
-        *[
-            f"{r}.engine.{k}=8"
-            for r in ("policy", "value")
-            for k in ("micro_batch_size_per_gpu", "infer_micro_batch_size_per_gpu")
-        ],
+        *MICRO_BATCHES_OF_8,
     ]
     straight, broken = tmp_path / "straight", tmp_path / "broken"
     job = cluster.submit(
@@ -168,11 +172,7 @@ def test_a_killed_worker_stops_the_driver_naming_its_group(cluster, tiny_models,
         "data.train_batch_size=16",
         "trainer.total_epochs=4",
         "trainer.save_freq=2",
-        *[
-            f"{r}.engine.{k}=8"
-            for r in ("policy", "value")
-            for k in ("micro_batch_size_per_gpu", "infer_micro_batch_size_per_gpu")
-        ],
+        *MICRO_BATCHES_OF_8,
     )
     log = tmp_path / "driver.log"
     proc = start_driver(cluster, args, log)
