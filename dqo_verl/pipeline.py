@@ -98,6 +98,7 @@ STAGES: tuple[Stage, ...] = (
         keys=(
             "sft",
             "dataset.difficulty",
+            "policy.model",
             "policy.engine",
             "policy.optim",
             "checkpoint",
