@@ -202,4 +202,5 @@ def test_the_recipes_plan_their_stages_from_inputs_and_outputs():
         "models.base.builder": "tiny",
         "models.base.out": "outputs/tiny_cpu/assets/base",
         "models.base.seed": 0,
+        "models.base.layers": 2,
     }
