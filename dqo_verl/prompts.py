@@ -76,6 +76,8 @@ class PromptSource:
     # rows without a usable answer exist in the paper's data (proofs in NuminaMath): count and skip them
     skip_bad_rows: bool = False
     filter: Callable[[dict], bool] | None = None
+    # the column naming each problem's origin, for `dataset.sources` (NuminaMath: "olympiads", "cn_k12", ...)
+    source_key: str | None = None
 
 
 SOURCES: dict[str, PromptSource] = {
@@ -122,6 +124,7 @@ SOURCES: dict[str, PromptSource] = {
         "boxed",
         skip_bad_rows=True,
         solution_key="solution",
+        source_key="source",
     ),
     "aime24": PromptSource(
         "di-zhang-fdu/AIME-1983-2024",
@@ -179,16 +182,36 @@ def apply_template(problem: str, instruction: str | None) -> str:
 
 
 def build_prompts(
-    name: str, path: str | None = None, split: str | None = None, limit: int | None = None, seed: int = 0
+    name: str,
+    path: str | None = None,
+    split: str | None = None,
+    limit: int | None = None,
+    seed: int = 0,
+    sources: list[str] | None = None,
 ) -> tuple[pd.DataFrame, dict]:
-    """verl-style prompt rows of dataset `name` (see SOURCES), and {'rows', 'skipped'} counts."""
+    """verl-style prompt rows of dataset `name` (see SOURCES), and counts.
+
+    `sources` keeps only the rows whose source column (`PromptSource.source_key`) is one of them;
+    `limit` then draws a seeded random subset. Counts: 'read', 'other_sources', 'skipped' (no usable
+    answer), 'rows' (kept).
+    """
     src = SOURCES[name]
     split = split or src.split
     rows, where = load_rows(path or src.hub, src.hub_config, split)
-    out, skipped = [], 0
+    if sources and src.source_key is None:
+        raise DatasetError(where, 0, "dataset.sources", f"dataset '{name}' has no source column to filter on")
+    wanted = set(sources or ())
+    out, skipped, other = [], 0, 0
     for i, row in enumerate(rows):
         if src.filter is not None and not src.filter(row):
             continue
+        if wanted:
+            origin = row.get(src.source_key)
+            if not isinstance(origin, str):
+                raise DatasetError(where, i, src.source_key, "missing source (needed by dataset.sources)")
+            if origin not in wanted:
+                other += 1
+                continue
         problem = row.get(src.problem_key)
         if not isinstance(problem, str) or not problem.strip():
             raise DatasetError(where, i, src.problem_key, "missing or empty problem")
@@ -217,7 +240,7 @@ def build_prompts(
         )
     if limit is not None and limit < len(out):
         out = sorted(random.Random(seed).sample(out, limit), key=lambda r: r["extra_info"]["index"])
-    return pd.DataFrame(out), {"rows": len(out), "skipped": skipped}
+    return pd.DataFrame(out), {"read": len(rows), "other_sources": other, "skipped": skipped, "rows": len(out)}
 
 
 def synthetic_difficulty(cfg: DictConfig | None) -> synthetic.Difficulty:
@@ -313,7 +336,13 @@ def prepare(cfg: DictConfig) -> Path:
         df = build_reasoning_gym_prompts(d.task, d.limit, seed=d.get("seed", 0), config=d.get("config"))
         stats = {"rows": len(df), "skipped": 0}
     else:
-        df, stats = build_prompts(d.name, d.get("path"), d.get("split"), d.get("limit"), d.get("seed", 0))
+        sources = list(d.sources) if d.get("sources") else None
+        df, stats = build_prompts(d.name, d.get("path"), d.get("split"), d.get("limit"), d.get("seed", 0), sources)
+        if sources:
+            print(
+                f"[prompts] {stats['read']} rows read, {stats['other_sources']} from other sources than "
+                f"{', '.join(sources)}"
+            )
     df = add_prompt_ids(df, hf_tokenizer(cfg.policy.model.path))
     path = out_dir / "prompts.parquet"
     write_parquet_atomic(df, path)

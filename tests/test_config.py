@@ -68,6 +68,13 @@ def test_paper_recipes_follow_appendix_a2():
             assert cfg.data.train_files == f"outputs/{name}/data/{corpus}"  # _ps reuses its base recipe's corpus
 
 
+def test_qwen_numina_takes_the_papers_olympiad_problems():
+    for variant in ("qwen_numina", "qwen_numina_ps"):
+        d = compose_config(variant).dataset
+        assert (d.name, list(d.sources), d.limit) == ("numina", ["olympiads"], 8919)  # paper Table 8
+    assert compose_config("qwen2_math").dataset.sources is None
+
+
 def test_paper_recipe_paths_are_overridable():
     for name in ("qwen_numina", "gemma_math_ps"):
         cfg = OmegaConf.to_container(compose_config(name, ["policy.model.path=/models/mine"]), resolve=True)

@@ -37,7 +37,7 @@ GSM8K_ROWS = [
 
 def test_gsm8k_loader_and_template(tmp_path):
     df, stats = build_prompts("gsm8k", str(write(tmp_path, "gsm8k", GSM8K_ROWS)))
-    assert stats == {"rows": 2, "skipped": 0}
+    assert stats == {"read": 2, "other_sources": 0, "skipped": 0, "rows": 2}
     first = df.iloc[0]
     assert first["data_source"] == "openai/gsm8k"
     assert first["prompt"][0]["content"] == f"{GSM8K_ROWS[0]['question']}\n{GSM8K_INSTRUCTION}"
@@ -73,9 +73,35 @@ def test_numina_feeds_the_problem_as_is_and_counts_proofs_it_skips(tmp_path):
         {"source": "olympiads", "problem": "Prove it.", "solution": "Proof. Done.", "messages": []},
     ]
     df, stats = build_prompts("numina", str(write(tmp_path, "numina", rows)))
-    assert stats == {"rows": 1, "skipped": 1}
+    assert stats == {"read": 2, "other_sources": 0, "skipped": 1, "rows": 1}
     assert df.iloc[0]["prompt"][0]["content"] == "Find x."
     assert df.iloc[0]["reward_model"]["ground_truth"] == "4"
+
+
+def test_numina_sources_keep_the_olympiad_problems_then_a_seeded_sample(tmp_path):
+    origins = ["olympiads", "cn_k12", "olympiads", "synthetic_math", "olympiads", "olympiads", "amc_aime"]
+    rows = [
+        {"source": o, "problem": f"P{i}", "solution": f"$\\boxed{{{i}}}$", "messages": []}
+        for i, o in enumerate(origins)
+    ]
+    rows.append({"source": "olympiads", "problem": "Prove it.", "solution": "Proof.", "messages": []})
+    path = str(write(tmp_path, "numina", rows))
+    df, stats = build_prompts("numina", path, sources=["olympiads"])
+    assert stats == {"read": 8, "other_sources": 3, "skipped": 1, "rows": 4}
+    assert [m[0]["content"] for m in df["prompt"]] == ["P0", "P2", "P4", "P5"]
+    two, stats = build_prompts("numina", path, limit=2, seed=3, sources=["olympiads", "amc_aime"])
+    assert stats["rows"] == 2 and stats["other_sources"] == 2
+    assert set(m[0]["content"] for m in two["prompt"]) <= {"P0", "P2", "P4", "P5", "P6"}
+    again, _ = build_prompts("numina", path, limit=2, seed=3, sources=["olympiads", "amc_aime"])
+    assert again["prompt"].tolist() == two["prompt"].tolist()
+
+
+def test_sources_need_a_source_column(tmp_path):
+    with pytest.raises(DatasetError, match="dataset.sources"):
+        build_prompts("gsm8k", str(write(tmp_path, "gsm8k", GSM8K_ROWS)), sources=["olympiads"])
+    rows = [{"problem": "P", "solution": "$\\boxed{1}$", "messages": []}]
+    with pytest.raises(DatasetError, match=r"row 0, field 'source'"):
+        build_prompts("numina", str(write(tmp_path, "numina", rows)), sources=["olympiads"])
 
 
 def test_aime24_takes_the_2024_problems(tmp_path):
