@@ -2,26 +2,38 @@
 
 Trains the method `algorithm.name` (dqo, dro, sft) on the corpus `data.train_files`; Ray is started
 (or joined: `ray_init.address`, RAY_ADDRESS) only after the corpus has been read and checked.
-It is the pipeline's `train` stage, and what a cluster user submits.
+It is the pipeline's `train` stage on its own, what a cluster user submits once the data stages have run.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
+
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from dqo_verl.cli import entry_point
-from dqo_verl.trainers import make_trainer
-from dqo_verl.workers import init_ray
+from dqo_verl.cli import InputError, entry_point
+from dqo_verl.pipeline import stages_to_make, train
+
+
+def recipe_name(config: DictConfig) -> str:
+    """The `+recipe=NAME` of this command (the experiment name when not run from the command line)."""
+    if HydraConfig.initialized():
+        return HydraConfig.get().runtime.choices.get("recipe") or config.trainer.experiment_name
+    return config.trainer.experiment_name
 
 
 def run(config: DictConfig) -> dict:
     """Train `algorithm.name` as configured; returns the last update's metrics."""
-    trainer = make_trainer(config)  # bad input fails here, before Ray or any worker starts
-    init_ray(config)
-    try:
-        return trainer.fit()
-    finally:
-        trainer.shutdown()
+    corpus = Path(config.data.train_files).expanduser()
+    if not corpus.exists():
+        todo = ",".join(stages_to_make(config, "train")) or "score"
+        raise InputError(
+            f"data.train_files: {corpus} does not exist; make it first with "
+            f"`make pipeline RECIPE={recipe_name(config)} STAGES={todo}` (or run the whole pipeline: "
+            f"`make pipeline RECIPE={recipe_name(config)}`)"
+        )
+    return train(config)
 
 
 main = entry_point(run)

@@ -33,10 +33,11 @@ from pathlib import Path
 import ray
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from dqo_verl import baselines, corpus, evaluate, main, models, process, prompts, report, sft
+from dqo_verl import baselines, corpus, evaluate, models, process, prompts, report, sft
 from dqo_verl.cli import InputError, entry_point
 from dqo_verl.data import write_json_atomic
-from dqo_verl.trainers import TRAINERS
+from dqo_verl.trainers import TRAINERS, make_trainer
+from dqo_verl.workers import init_ray
 
 # what a corpus depends on in the rollout section (not engine counts, cache sizes or shard sizes)
 SAMPLING = (
@@ -74,6 +75,16 @@ def _run_dir(cfg: DictConfig, *names: str) -> list[str]:
 
 def _generated_eval_sets(cfg: DictConfig) -> bool:
     return any(name in ("synthetic", "reasoning_gym") for name in cfg.evaluate.sets)
+
+
+def train(cfg: DictConfig) -> dict:
+    """The `train` stage (`python -m dqo_verl.main`): `algorithm.name` on `data.train_files`; the last metrics."""
+    trainer = make_trainer(cfg)  # bad input fails here, before Ray or any worker starts
+    init_ray(cfg)
+    try:
+        return trainer.fit()
+    finally:
+        trainer.shutdown()
 
 
 @dataclass(frozen=True)
@@ -167,7 +178,7 @@ STAGES: tuple[Stage, ...] = (
     ),
     Stage(
         "train",
-        main.run,
+        train,
         outputs=lambda c: _run_dir(c, *(f"export/{role}" for role in TRAINERS[c.algorithm.name].roles)),
         inputs=lambda c: [c.data.train_files, c.policy.model.path, c.value.model.path, c.ref.path],
         keys=TRAINING,
@@ -281,6 +292,12 @@ def dependents(plan: Plan, cfg: DictConfig, name: str) -> set[str]:
         if any(plan.producer.get(_abs(i)) in out for i in stage.inputs(cfg)):
             out.add(stage.name)
     return out
+
+
+def stages_to_make(cfg: DictConfig, target: str) -> list[str]:
+    """The stages `target` needs whose outputs are missing, in order (what to run before it)."""
+    plan = make_plan(cfg, [target])
+    return [s.name for s in plan.stages if s.name != target and not all(os.path.exists(out) for out in s.outputs(cfg))]
 
 
 class Records:

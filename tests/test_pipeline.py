@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from dqo_verl import pipeline
+from dqo_verl import main, pipeline
 from dqo_verl.cli import InputError, compose_config
 from dqo_verl.pipeline import Stage, make_plan, run_pipeline
 
@@ -204,3 +204,19 @@ def test_the_recipes_plan_their_stages_from_inputs_and_outputs():
         "models.base.seed": 0,
         "models.base.layers": 2,
     }
+
+
+def test_the_main_job_without_its_corpus_names_the_stages_to_run(tmp_path):
+    root = [f"paths.root={tmp_path}", f"paths.data={tmp_path}/data"]
+    with pytest.raises(InputError) as err:
+        main.run(compose_config("qwen_numina", root))
+    assert str(err.value) == (
+        f"data.train_files: {tmp_path}/data/corpus.parquet does not exist; make it first with "
+        "`make pipeline RECIPE=qwen_numina STAGES=prompts,corpus,score` (or run the whole pipeline: "
+        "`make pipeline RECIPE=qwen_numina`)"
+    )
+    (tmp_path / "data").mkdir()
+    for name in ("prompts.parquet", "sft.parquet"):  # the prompts stage done: only what is missing is named
+        (tmp_path / "data" / name).write_bytes(b"made")
+    with pytest.raises(InputError, match=r"STAGES=corpus,score,process`"):
+        main.run(compose_config("qwen_numina_ps", [*root, f"data.train_files={tmp_path}/data/corpus_ps.parquet"]))
