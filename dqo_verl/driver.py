@@ -198,6 +198,8 @@ class Trainer:
             name: Role(model_type, self.sections[name], self.loss_fn(name)) for name, model_type in self.roles.items()
         }
         self.groups = start_groups(self.pool, roles, c.checkpoint, self.total_steps)
+        if "value" in self.groups and c.value.get("zero_head", False):  # a resumed run loads its own head later
+            self.groups["value"].call("zero_value_head").result("zeroing its head")
         nodes = pool_nodes(self.pool)
         print(f"[pool] {len(nodes)} ranks on {len(set(nodes))} node(s) ({self.device}); {', '.join(self.roles)} up")
         if self.uses_reference:

@@ -170,6 +170,9 @@ def bare_dqo_step(cfg, rows):
     value = AutoModelForTokenClassification.from_pretrained(
         cfg.value.model.path, dtype=torch.float32, attn_implementation="eager"
     )
+    if cfg.value.zero_head:
+        with torch.no_grad():
+            value.score.weight.zero_()
     b = build_batch(rows, BatchSpec(pad_token_id=0, granularity=cfg.algorithm.granularity))
 
     def response_outputs(model, kind):
@@ -197,16 +200,25 @@ def bare_dqo_step(cfg, rows):
     }
 
 
-@pytest.mark.parametrize("granularity,lam", [("token", 0.5), ("step", 1.0)])
-def test_worker_update_equals_bare_algo(e2e, tiny_models, tmp_path, capsys, granularity, lam):
+@pytest.mark.parametrize(
+    "granularity,lam,zero_head", [("token", 0.5, False), ("step", 1.0, False), ("token", 1.0, True)]
+)
+def test_worker_update_equals_bare_algo(e2e, tiny_models, tmp_path, capsys, granularity, lam, zero_head):
     """One update through the 2-rank FSDP groups computes what algo.py computes on plain transformers."""
     cfg = config(
-        tiny_models, e2e["corpus"], tmp_path / "run", f"algorithm.granularity={granularity}", f"algorithm.lam={lam}"
+        tiny_models,
+        e2e["corpus"],
+        tmp_path / "run",
+        f"algorithm.granularity={granularity}",
+        f"algorithm.lam={lam}",
+        f"value.zero_head={zero_head}",
     )
     with DQOTrainer(cfg) as trainer:  # the reference cache of the e2e run is reused
         rows = trainer.corpus.iloc[:32]
         got = trainer.train_step(rows, 0)
     assert "[ref] reusing cached reference log-probs" in capsys.readouterr().out  # a second run reuses the cache
+    # the tiny value model's head is random: zeroed, V is exactly 0 on every state before the first update
+    assert (got["value/values_mean"] == 0.0) == zero_head
     want = bare_dqo_step(cfg, rows)
     for key, value in want.items():
         assert got[key] == pytest.approx(value, rel=1e-4), key
