@@ -64,6 +64,7 @@ def test_paper_recipes_follow_appendix_a2():
             assert cfg.trainer.total_epochs == 5 and cfg.trainer.save_freq == -1  # a checkpoint per epoch
             assert cfg.dataset.path == dataset
             assert cfg.trainer.experiment_name == variant
+            assert (cfg.process.strategy, cfg.process.max_segments, cfg.process.k) == ("linear", None, 20)  # paper A.1
             corpus = "corpus_ps.parquet" if variant.endswith("_ps") else "corpus.parquet"
             assert cfg.data.train_files == f"outputs/{name}/data/{corpus}"  # _ps reuses its base recipe's corpus
 
