@@ -7,6 +7,7 @@ a `.global_step_N.tmp` folder that nothing reads and the next run removes.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from collections.abc import Callable
@@ -68,3 +69,17 @@ class CheckpointDir:
         for p in removed:
             shutil.rmtree(p, ignore_errors=True)
         return removed
+
+
+def epoch_checkpoints(root: str | os.PathLike) -> dict[int, Path]:
+    """{epoch: global_step_N folder} of the complete checkpoints that end an epoch, in epoch order."""
+    out = {}
+    for folder in Path(root).glob("global_step_*"):
+        marker = folder / COMPLETE_MARKER
+        if not marker.exists():
+            continue
+        state = json.loads(marker.read_text())
+        epoch, rest = divmod(state["global_step"], state["steps_per_epoch"])
+        if rest == 0 and epoch > 0:
+            out[epoch] = folder
+    return dict(sorted(out.items()))

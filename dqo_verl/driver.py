@@ -37,7 +37,7 @@ from verl.utils.tracking import Tracking
 from verl.workers.utils.padding import left_right_2_no_padding, no_padding_2_padding
 
 from dqo_verl import ref_cache
-from dqo_verl.checkpoints import COMPLETE_MARKER, CheckpointDir
+from dqo_verl.checkpoints import COMPLETE_MARKER, CheckpointDir, epoch_checkpoints
 from dqo_verl.cli import InputError, RunError
 from dqo_verl.data import BatchSpec, apply_length_limits, build_batch, epoch_batches, read_corpus, validate_corpus
 from dqo_verl.workers import (
@@ -158,6 +158,12 @@ class Trainer:
         self.total_steps = self.steps_per_epoch * config.trainer.total_epochs
         if config.trainer.total_training_steps is not None:
             self.total_steps = min(self.total_steps, config.trainer.total_training_steps)
+        self.export_epoch = config.trainer.get("export_epoch")
+        if self.export_epoch is not None and not 1 <= self.export_epoch <= config.trainer.total_epochs:
+            raise InputError(
+                f"trainer.export_epoch={self.export_epoch} is not one of the run's epochs "
+                f"(trainer.total_epochs={config.trainer.total_epochs})"
+            )
         tokenizer = hf_tokenizer(self.sections["policy"].model.path if "policy" in self.roles else models[0])
         self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.pool = None
@@ -360,6 +366,7 @@ class Trainer:
         step = self.load_checkpoint()
         step_log = StepLog(self.out_dir / "metrics.jsonl", resume_step=step)
         metrics: dict = {}
+        exported: dict = {}
         last_ckpt = None
         name = config.algorithm.name.upper()
         bar = tqdm(total=self.total_steps, initial=step, desc=name, unit="step", dynamic_ncols=True)
@@ -388,13 +395,23 @@ class Trainer:
             save_freq = config.trainer.save_freq
             if end_of_epoch or step == self.total_steps or (save_freq and save_freq > 0 and step % save_freq == 0):
                 last_ckpt = self.save_checkpoint(step)
+                if end_of_epoch and epoch + 1 == self.export_epoch:
+                    exported = self.export(last_ckpt)
+                    print(f"\n[export] epoch {epoch + 1} (step {step}) -> {self.out_dir / 'export'} (export_epoch)")
                 if stop is not None and stop(step, last_ckpt):
                     break
         bar.close()
         step_log.close()
         if last_ckpt is None:
             last_ckpt = self.checkpoints.latest() or self.save_checkpoint(step)
-        exported = self.export(last_ckpt)
+        if self.export_epoch is None:
+            exported = self.export(last_ckpt)
+        elif self.export_epoch in epoch_checkpoints(self.checkpoints.root):  # also when the epoch ended before a resume
+            exported = self.export(epoch_checkpoints(self.checkpoints.root)[self.export_epoch])
+        elif not exported:  # the run stopped before that epoch ended, or its checkpoint was pruned
+            raise RunError(
+                f"trainer.export_epoch={self.export_epoch}: no checkpoint of that epoch under {self.checkpoints.root}"
+            )
         tracking.finish()
         print(f"[done] checkpoints: {self.checkpoints.root.resolve()}")
         print(

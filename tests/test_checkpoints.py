@@ -1,9 +1,11 @@
 """The checkpoint folder protocol: temp folder, rename, tracker last; pruning; corpus loading messages."""
 
+import json
+
 import pandas as pd
 import pytest
 
-from dqo_verl.checkpoints import COMPLETE_MARKER, CheckpointDir
+from dqo_verl.checkpoints import COMPLETE_MARKER, CheckpointDir, epoch_checkpoints
 from dqo_verl.cli import compose_config
 from dqo_verl.driver import load_corpus
 
@@ -91,3 +93,12 @@ def test_training_corpus_is_checked_and_length_limited_with_counts(tmp_path, cap
     assert "1 rows dropped (prompt > 4 tokens); 1 responses > 4 tokens (truncate)" in capsys.readouterr().out
     cfg.data.overlong = "drop"
     assert len(load_corpus(cfg, required, models)) == 1
+
+
+def test_epoch_checkpoints_are_the_complete_ones_that_end_an_epoch(tmp_path):
+    for step in (2, 3, 4, 6, 8):
+        folder = tmp_path / f"global_step_{step}"
+        folder.mkdir()
+        if step != 8:  # 8: killed before its marker
+            (folder / COMPLETE_MARKER).write_text(json.dumps({"global_step": step, "steps_per_epoch": 2}))
+    assert epoch_checkpoints(tmp_path) == {e: tmp_path / f"global_step_{2 * e}" for e in (1, 2, 3)}

@@ -62,6 +62,7 @@ def test_paper_recipes_follow_appendix_a2():
             assert cfg.data.train_batch_size // (cfg.trainer.nnodes * cfg.trainer.n_gpus_per_node) == 32
             assert (cfg.trainer.nnodes, cfg.trainer.n_gpus_per_node) == (1, 8)
             assert cfg.trainer.total_epochs == 5 and cfg.trainer.save_freq == -1  # a checkpoint per epoch
+            assert cfg.trainer.export_epoch == (1 if name == "qwen_numina" else 2)  # the paper's reported checkpoint
             assert cfg.dataset.path == dataset
             assert cfg.trainer.experiment_name == variant
             assert (cfg.process.strategy, cfg.process.max_segments, cfg.process.k) == ("linear", None, 20)  # paper A.1

@@ -11,6 +11,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from dqo_verl import algo
+from dqo_verl.checkpoints import epoch_checkpoints
 from dqo_verl.cli import compose_config
 from dqo_verl.data import BatchSpec, build_batch
 from dqo_verl.trainers import DQOTrainer, make_trainer
@@ -69,6 +70,7 @@ def e2e(ray_session, tiny_models, tiny_corpus, tmp_path_factory):
         corpus,
         out,
         "trainer.total_epochs=6",
+        "trainer.export_epoch=3",
         "algorithm.lam=0.5",
         "policy.optim.lr=3e-3",
         "value.optim.lr=3e-3",
@@ -121,6 +123,15 @@ def test_dqo_training_end_to_end(e2e, tiny_models):
         == AutoTokenizer.from_pretrained(tiny_models[0])("a\n\nb")["input_ids"]
     )
     assert (out / "export" / "value" / "model.safetensors").exists()  # every model is exported
+
+    # trainer.export_epoch=3: the export is epoch 3's checkpoint (step 6), not the last one
+    assert "[export] epoch 3 (step 6)" in printed
+    epoch3 = load_file(ckpts / "global_step_6" / "policy" / "huggingface" / "model.safetensors")
+    last = load_file(ckpts / "global_step_12" / "policy" / "huggingface" / "model.safetensors")
+    exported = load_file(export / "model.safetensors")
+    assert all(torch.equal(exported[k], epoch3[k]) for k in epoch3)
+    assert any(not torch.equal(exported[k], last[k]) for k in last)
+    assert list(epoch_checkpoints(ckpts)) == [1, 2, 3, 4, 5, 6]
 
 
 def test_reference_cache_is_reused_and_a_reference_group_computes_the_same(e2e, tiny_models, tmp_path, capsys):

@@ -46,6 +46,10 @@ def test_bad_method_settings_are_input_errors(tiny_models, tiny_corpus):
         make_trainer(cfg(tiny_models, tiny_corpus, "data.train_batch_size=24"))
     with pytest.raises(InputError, match="64 rows, fewer than data.train_batch_size=128"):
         make_trainer(cfg(tiny_models, tiny_corpus, "data.train_batch_size=128"))
+    with pytest.raises(
+        InputError, match=r"trainer.export_epoch=2 is not one of the run's epochs \(trainer.total_epochs=1\)"
+    ):
+        make_trainer(cfg(tiny_models, tiny_corpus, "trainer.export_epoch=2"))
 
 
 def test_the_config_passed_in_is_left_as_it_was(tiny_models, tiny_corpus):
