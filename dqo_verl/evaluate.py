@@ -22,6 +22,7 @@ import pandas as pd
 from omegaconf import DictConfig, OmegaConf
 from verl.utils import hf_tokenizer
 
+from dqo_verl.checkpoints import epoch_checkpoints
 from dqo_verl.cli import InputError
 from dqo_verl.data import write_json_atomic, write_parquet_atomic
 from dqo_verl.grading import grade_many
@@ -209,18 +210,42 @@ def model_name(path: str) -> str:
     return "/".join(p.parts[-3:]) if p.name in ("policy", "huggingface") else p.name
 
 
-def run(cfg: DictConfig) -> dict:
-    """The `eval` stage: writes samples.parquet, table.md, table.csv and summary.json (last) to evaluate.out_dir."""
+def out_dir(cfg: DictConfig) -> Path:
+    """Where `eval` writes: evaluate.out_dir, or its `epochs/` folder for the per-epoch table."""
+    return Path(cfg.evaluate.out_dir) / ("epochs" if cfg.evaluate.get("epochs") else "")
+
+
+def models_and_names(cfg: DictConfig) -> tuple[list[str], list[str]]:
+    """The models `eval` compares and their row labels.
+
+    With `evaluate.epochs`, the first of evaluate.models (the base) and the policy of every epoch checkpoint
+    of the run, labelled `epoch N`: the training curve as one table.
+    """
     e = cfg.evaluate
     models = [str(m) for m in e.models]
+    names = list(e.names) if e.get("names") else [model_name(m) for m in models]
+    if len(names) != len(models):
+        raise InputError(f"evaluate.names has {len(names)} labels for {len(models)} evaluate.models")
+    if e.get("epochs"):
+        epochs = epoch_checkpoints(cfg.trainer.default_local_dir)
+        if not epochs:
+            raise InputError(
+                f"evaluate.epochs: no epoch checkpoint under {cfg.trainer.default_local_dir} (train first)"
+            )
+        models = models[:1] + [str(folder / "policy" / "huggingface") for folder in epochs.values()]
+        names = names[:1] + [f"epoch {epoch}" for epoch in epochs]
+    return models, names
+
+
+def run(cfg: DictConfig) -> dict:
+    """The `eval` stage: writes samples.parquet, table.md, table.csv and summary.json (last) to `out_dir(cfg)`."""
+    e = cfg.evaluate
+    models, names = models_and_names(cfg)
     if not models:
         raise InputError("evaluate.models is empty: set evaluate.models=[dir,...] (or CKPTS=... with make eval)")
     for m in models:  # a local folder that is missing (a hub name has exactly one "/")
         if not Path(m).exists() and (m.startswith(("/", ".", "outputs")) or m.count("/") != 1):
             raise InputError(f"evaluate.models: {m} does not exist (train or export it first, e.g. `make demo`)")
-    names = list(e.names) if e.get("names") else [model_name(m) for m in models]
-    if len(names) != len(models):
-        raise InputError(f"evaluate.names has {len(names)} labels for {len(models)} evaluate.models")
     datasets = {d: eval_prompts(d, e.datasets[d], cfg.trainer.seed, Path(cfg.paths.data)) for d in e.sets}
     init_ray(cfg)
     rollout = {
@@ -240,7 +265,7 @@ def run(cfg: DictConfig) -> dict:
     finally:
         group.shutdown()
     samples = pd.DataFrame(rows)
-    out = Path(e.out_dir)
+    out = out_dir(cfg)
     out.mkdir(parents=True, exist_ok=True)
     write_parquet_atomic(samples, out / "samples.parquet")
     summary = summarize(samples, list(e.pass_k))

@@ -188,10 +188,10 @@ STAGES: tuple[Stage, ...] = (
         "eval",
         evaluate.run,
         outputs=lambda c: [
-            str(Path(c.evaluate.out_dir) / n) for n in ("summary.json", "table.md", "table.csv", "samples.parquet")
+            str(evaluate.out_dir(c) / n) for n in ("summary.json", "table.md", "table.csv", "samples.parquet")
         ],
         inputs=lambda c: [
-            *c.evaluate.models,
+            *evaluate.models_and_names(c)[0],
             *(
                 _data(c, "prompts.parquet") + (_data(c, "sft.parquet", "dev.parquet") if c.sft else [])
                 if _generated_eval_sets(c)
@@ -208,8 +208,7 @@ STAGES: tuple[Stage, ...] = (
             + ([str(Path(c.paths.root) / "value_curves.png")] if c.report.value_curves else [])
         ),
         inputs=lambda c: (
-            [str(Path(c.evaluate.out_dir) / "summary.json")]
-            + (_run_dir(c, "export/value") if c.report.value_curves else [])
+            [str(evaluate.out_dir(c) / "summary.json")] + (_run_dir(c, "export/value") if c.report.value_curves else [])
         ),
         keys=("report",),
     ),

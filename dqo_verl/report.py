@@ -18,6 +18,7 @@ import torch
 from omegaconf import DictConfig
 from transformers import AutoModelForTokenClassification, AutoTokenizer
 
+from dqo_verl import evaluate
 from dqo_verl.inspect_values import plot, segment_values
 
 
@@ -51,7 +52,7 @@ def last_line(label: str, summary: dict, evaluation_set: str) -> str:
 
 def run(cfg: DictConfig) -> Path:
     """The `report` stage."""
-    root, eval_dir = Path(cfg.paths.root), Path(cfg.evaluate.out_dir)
+    root, eval_dir = Path(cfg.paths.root), evaluate.out_dir(cfg)
     summary = json.loads((eval_dir / "summary.json").read_text())
     parts = [f"# {cfg.report.label}\n", (eval_dir / "table.md").read_text()]
     if cfg.report.value_curves:

@@ -10,7 +10,9 @@ import torch
 from transformers import AutoModelForTokenClassification, AutoTokenizer
 
 from dqo_verl import synthetic
-from dqo_verl.evaluate import eval_prompts, pass_at_k, seed_mean_std, summarize, table
+from dqo_verl.checkpoints import COMPLETE_MARKER
+from dqo_verl.cli import InputError, compose_config
+from dqo_verl.evaluate import eval_prompts, models_and_names, out_dir, pass_at_k, seed_mean_std, summarize, table
 from dqo_verl.inspect_values import segment_values
 from dqo_verl.plot_metrics import plot_run
 
@@ -245,3 +247,24 @@ def test_training_curves(tmp_path):
     written = plot_run(run_dir, [summary])
     assert sorted(p.name for p in written) == ["accuracy.png", "is_weights.png", "kl.png", "losses.png", "values.png"]
     assert all(p.read_bytes()[:4] == b"\x89PNG" for p in written)
+
+
+def test_eval_epochs_compares_the_base_with_every_epoch_checkpoint(tmp_path):
+    cfg = compose_config("qwen2_gsm8k", [f"paths.root={tmp_path}", "evaluate.epochs=true"])
+    with pytest.raises(InputError, match="evaluate.epochs: no epoch checkpoint under"):
+        models_and_names(cfg)
+    ckpts = tmp_path / "run" / "checkpoints"
+    for step in (35, 70, 100, 105):  # 35 updates per epoch; 100 is a save_freq checkpoint inside epoch 3
+        (ckpts / f"global_step_{step}").mkdir(parents=True)
+        (ckpts / f"global_step_{step}" / COMPLETE_MARKER).write_text(
+            json.dumps({"global_step": step, "steps_per_epoch": 35})
+        )
+    models, names = models_and_names(cfg)
+    assert names == ["base", "epoch 1", "epoch 2", "epoch 3"]
+    assert models == ["Qwen/Qwen2-7B-Instruct"] + [
+        str(ckpts / f"global_step_{s}" / "policy" / "huggingface") for s in (35, 70, 105)
+    ]
+    assert out_dir(cfg) == tmp_path / "eval" / "epochs"
+    plain = compose_config("qwen2_gsm8k", [f"paths.root={tmp_path}"])
+    assert models_and_names(plain) == (["Qwen/Qwen2-7B-Instruct", f"{tmp_path}/run/export/policy"], ["base", "dqo"])
+    assert out_dir(plain) == tmp_path / "eval"
