@@ -40,7 +40,7 @@ def test_cfg_job_prints_the_composed_config():
 
 
 PAPER = {
-    "qwen_numina": ("Qwen/Qwen2.5-Math-7B", 5e-7, 4096, "AI-MO/NuminaMath-CoT"),
+    "qwen_numina": ("Qwen/Qwen2.5-Math-7B", 5e-7, 3072, "AI-MO/NuminaMath-CoT"),
     "qwen2_gsm8k": ("Qwen/Qwen2-7B-Instruct", 5e-7, 1024, "openai/gsm8k"),
     "qwen2_math": ("Qwen/Qwen2-7B-Instruct", 5e-7, 2048, "DigitalLearningGmbH/MATH-lighteval"),
     "gemma_gsm8k": ("google/gemma-1.1-7b-it", 1e-7, 1024, "openai/gsm8k"),
@@ -75,6 +75,8 @@ def test_qwen_numina_takes_the_papers_olympiad_problems():
         d = compose_config(variant).dataset
         assert (d.name, list(d.sources), d.limit) == ("numina", ["olympiads"], 8919)  # paper Table 8
     assert compose_config("qwen2_math").dataset.sources is None
+    d = compose_config("qwen_numina").data
+    assert d.max_prompt_length + d.max_response_length == 4096  # paper Figure 3: Qwen2.5-Math-7B's context
 
 
 def test_paper_recipe_paths_are_overridable():
