@@ -406,15 +406,17 @@ class Trainer:
             last_ckpt = self.checkpoints.latest() or self.save_checkpoint(step)
         if self.export_epoch is None:
             exported = self.export(last_ckpt)
-        elif self.export_epoch in epoch_checkpoints(self.checkpoints.root):  # also when the epoch ended before a resume
-            exported = self.export(epoch_checkpoints(self.checkpoints.root)[self.export_epoch])
-        elif not exported:  # pruned by max_ckpt_to_keep after its export, before a resume; or never reached
-            exported = {role: self.out_dir / "export" / role for role in self.roles}
-            if not all(path.exists() for path in exported.values()):
-                raise RunError(
-                    f"trainer.export_epoch={self.export_epoch}: no checkpoint of that epoch under "
-                    f"{self.checkpoints.root}"
-                )
+        elif not exported:  # that epoch ended before a resume (or was never reached)
+            chosen = epoch_checkpoints(self.checkpoints.root).get(self.export_epoch)
+            if chosen is not None:
+                exported = self.export(chosen)
+            else:  # pruned by max_ckpt_to_keep after it was exported
+                exported = {role: self.out_dir / "export" / role for role in self.roles}
+                if not all(path.exists() for path in exported.values()):
+                    raise RunError(
+                        f"trainer.export_epoch={self.export_epoch}: no checkpoint of that epoch under "
+                        f"{self.checkpoints.root}"
+                    )
         tracking.finish()
         print(f"[done] checkpoints: {self.checkpoints.root.resolve()}")
         print(

@@ -27,10 +27,12 @@ def run(config: DictConfig) -> dict:
     """Train `algorithm.name` as configured; returns the last update's metrics."""
     corpus = Path(config.data.train_files).expanduser()
     if not corpus.exists():
-        todo = ",".join(stages_to_make(config, "train")) or "score"
+        todo = stages_to_make(config, "train")
+        if not todo:
+            raise InputError(f"data.train_files: {corpus} does not exist (and no stage of this recipe makes it)")
         raise InputError(
             f"data.train_files: {corpus} does not exist; make it first with "
-            f"`make pipeline RECIPE={recipe_name(config)} STAGES={todo}` (or run the whole pipeline: "
+            f"`make pipeline RECIPE={recipe_name(config)} STAGES={','.join(todo)}` (or run the whole pipeline: "
             f"`make pipeline RECIPE={recipe_name(config)}`)"
         )
     return train(config)

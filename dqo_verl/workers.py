@@ -126,18 +126,14 @@ class DQOWorker(TrainingWorker):
         return super().load_checkpoint(local_path, hdfs_path, del_local_after_load)
 
     @register(dispatch_mode=Dispatch.ONE_TO_ALL, blocking=False)
-    def zero_value_head(self) -> int:
-        """Zero a value model's output layer (`score`, or trl's `v_head.summary`): V = 0 on every state.
-
-        Returns how many of its parameters this rank holds.
-        """
+    def zero_value_head(self) -> None:
+        """Zero a value model's output layer (`score`, or trl's `v_head.summary`): V = 0 on every state."""
         heads = [m for name, m in self.engine.module.named_modules() if name.split(".")[-1] in ("score", "summary")]
         if len(heads) != 1 or not isinstance(heads[0], torch.nn.Linear) or heads[0].out_features != 1:
             raise ValueError(f"expected one 1-unit `score` head in a value model, found {len(heads)} candidate(s)")
         with torch.no_grad():
             for param in heads[0].parameters():
                 param.zero_()
-        return sum(p.to_local().numel() if hasattr(p, "to_local") else p.numel() for p in heads[0].parameters())
 
 
 class Group:

@@ -220,3 +220,6 @@ def test_the_main_job_without_its_corpus_names_the_stages_to_run(tmp_path):
         (tmp_path / "data" / name).write_bytes(b"made")
     with pytest.raises(InputError, match=r"STAGES=corpus,score,process`"):
         main.run(compose_config("qwen_numina_ps", [*root, f"data.train_files={tmp_path}/data/corpus_ps.parquet"]))
+    mine = tmp_path / "mine.parquet"  # a corpus of the user's own, not one a stage makes
+    with pytest.raises(InputError, match=r"mine.parquet does not exist \(and no stage of this recipe makes it\)$"):
+        main.run(compose_config("qwen_numina", [*root, f"data.train_files={mine}"]))
