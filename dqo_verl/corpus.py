@@ -17,9 +17,10 @@ import time
 from pathlib import Path
 
 import pandas as pd
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from tqdm import tqdm
 
+from dqo_verl.budget import check_budget, engine_config
 from dqo_verl.cli import InputError
 from dqo_verl.data import write_parquet_atomic
 from dqo_verl.grading import grade_many
@@ -82,10 +83,10 @@ def run(cfg: DictConfig) -> Path:
     data = Path(cfg.paths.data)
     prompts = pd.read_parquet(data / "prompts.parquet")
     r = cfg.rollout
+    model = {"policy.model.path": cfg.policy.model.path}
+    budget = check_budget(cfg, "corpus", ["data.max_prompt_length", "rollout.max_tokens"], model)
     init_ray(cfg)
-    group = RolloutGroup(
-        OmegaConf.to_container(r, resolve=True), cfg.policy.model.path, cfg.trainer.nnodes, engines_per_node(cfg)
-    )
+    group = RolloutGroup(engine_config(cfg, budget), cfg.policy.model.path, cfg.trainer.nnodes, engines_per_node(cfg))
     print(f"[corpus] {len(prompts)} prompts x {r.n} samples on {group.engines} {group.backend} engine(s)")
     try:
         samples = generate_samples(

@@ -37,6 +37,7 @@ from verl.utils.tracking import Tracking
 from verl.workers.utils.padding import left_right_2_no_padding, no_padding_2_padding
 
 from dqo_verl import ref_cache
+from dqo_verl.budget import check_budget
 from dqo_verl.checkpoints import COMPLETE_MARKER, CheckpointDir, epoch_checkpoints
 from dqo_verl.cli import InputError, RunError
 from dqo_verl.data import BatchSpec, apply_length_limits, build_batch, epoch_batches, read_corpus, validate_corpus
@@ -137,6 +138,9 @@ class Trainer:
         self.checkpoints = CheckpointDir(config.trainer.default_local_dir)
         self.sections = {role: self._section(role) for role in self.roles}
         models = [self.sections[r].model.path for r in self.roles] + ([config.ref.path] if self.uses_reference else [])
+        keys = [f"{r}.model.path" for r in self.roles] + (["ref.path"] if self.uses_reference else [])
+        budget = ["data.max_prompt_length", "data.max_response_length"]
+        check_budget(config, f"{config.algorithm.name} training", budget, dict(zip(keys, models)))
         self.corpus = corpus if corpus is not None else load_corpus(config, self.required_columns, models)
         self.corpus_path = Path(config.data.train_files).expanduser()
 

@@ -19,9 +19,10 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from verl.utils import hf_tokenizer
 
+from dqo_verl.budget import check_budget, engine_config
 from dqo_verl.checkpoints import epoch_checkpoints
 from dqo_verl.cli import InputError
 from dqo_verl.data import write_json_atomic, write_parquet_atomic
@@ -130,6 +131,18 @@ def eval_prompts(name: str, spec: DictConfig, seed: int, data_dir: Path) -> pd.D
     return df.head(limit).reset_index(drop=True) if limit else df
 
 
+def check_prompt_lengths(datasets: dict[str, pd.DataFrame], limit: int) -> None:
+    """An InputError naming the first evaluation prompt longer than data.max_prompt_length (the engines' budget)."""
+    for name, prompts in datasets.items():
+        lengths = prompts["prompt_ids"].map(len)
+        if (lengths > limit).any():
+            row = int((lengths > limit).idxmax())
+            raise InputError(
+                f"evaluation set {name}, row {row}, field 'prompt': {lengths[row]} tokens, more than "
+                f"data.max_prompt_length={limit} (raise it, within the model's context, or set a `limit`)"
+            )
+
+
 def sample_and_grade(
     group: RolloutGroup,
     prompts: pd.DataFrame,
@@ -185,7 +198,7 @@ def evaluate_model(group: RolloutGroup, name: str, path: str, datasets: dict, cf
                 prompts,
                 n,
                 seed,
-                {**params, "max_tokens": e.max_tokens},
+                {**params, "max_tokens": spec.get("max_tokens") or e.max_tokens},
                 cfg.score.workers,
                 desc=f"grading {dataset}",
             )
@@ -246,22 +259,24 @@ def run(cfg: DictConfig) -> dict:
     for m in models:  # a local folder that is missing (a hub name has exactly one "/")
         if not Path(m).exists() and (m.startswith(("/", ".", "outputs")) or m.count("/") != 1):
             raise InputError(f"evaluate.models: {m} does not exist (train or export it first, e.g. `make demo`)")
+    longest = max(e.sets, key=lambda d: e.datasets[d].get("max_tokens") or e.max_tokens)
+    answer_key = (
+        f"evaluate.datasets.{longest}.max_tokens" if e.datasets[longest].get("max_tokens") else "evaluate.max_tokens"
+    )
+    budget = check_budget(
+        cfg, "eval", ["data.max_prompt_length", answer_key], {f"evaluate.models[{i}]": m for i, m in enumerate(models)}
+    )
     datasets = {d: eval_prompts(d, e.datasets[d], cfg.trainer.seed, Path(cfg.paths.data)) for d in e.sets}
     init_ray(cfg)
-    rollout = {
-        **OmegaConf.to_container(cfg.rollout, resolve=True),
-        "max_model_len": cfg.data.max_prompt_length + e.max_tokens,
-    }
-    group = RolloutGroup(rollout, models[0], cfg.trainer.nnodes, engines_per_node(cfg))
+    group = RolloutGroup(engine_config(cfg, budget), models[0], cfg.trainer.nnodes, engines_per_node(cfg))
     rows = []
     try:
         for i, (model, name) in enumerate(zip(models, names)):
             if i:
                 group.load(model)
-            tokenizer = hf_tokenizer(model)
-            rows += evaluate_model(
-                group, name, model, {d: add_prompt_ids(p, tokenizer) for d, p in datasets.items()}, cfg
-            )
+            tokenized = {d: add_prompt_ids(p, hf_tokenizer(model)) for d, p in datasets.items()}
+            check_prompt_lengths(tokenized, cfg.data.max_prompt_length)
+            rows += evaluate_model(group, name, model, tokenized, cfg)
     finally:
         group.shutdown()
     samples = pd.DataFrame(rows)

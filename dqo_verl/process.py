@@ -29,10 +29,11 @@ from pathlib import Path
 
 import pandas as pd
 from matplotlib.figure import Figure
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from tqdm import tqdm
 from verl.utils import hf_tokenizer
 
+from dqo_verl.budget import check_budget, engine_config
 from dqo_verl.corpus import answer_formats
 from dqo_verl.data import write_parquet_atomic
 from dqo_verl.grading import grade_many
@@ -190,8 +191,11 @@ class Spend:
 def complete_and_grade(
     probes, corpus: pd.DataFrame, ends: list[list[int]], completer, k: int, seed: int, params: dict, tokenizer, workers
 ) -> tuple[list[bool], Spend]:
-    """For each (row, i): K completions of prompt + first i segments; correct if any completion is."""
-    prompts, seeds, meta = [], [], []
+    """For each (row, i): K completions of prompt + first i segments; correct if any completion is.
+
+    A completion may take the tokens the prefix leaves of the response's own limit (params['max_tokens']),
+    so prefix + completion never exceeds the corpus's response budget."""
+    prompts, seeds, meta, limits = [], [], [], []
     for row, i in probes:
         rec = corpus.iloc[row]
         prefix = list(rec["response_ids"][: ends[row][i - 1] + 1])
@@ -199,7 +203,8 @@ def complete_and_grade(
             prompts.append(list(rec["prompt_ids"]) + prefix)
             seeds.append(sample_seed(seed, int(rec["uid"]), int(rec["sample"]), i, j))
             meta.append((row, tokenizer.decode(prefix, skip_special_tokens=True)))
-    outs = completer.generate(prompts, seeds, params)
+            limits.append(params["max_tokens"] - len(prefix))
+    outs = completer.generate(prompts, seeds, params, limits)
     items = [
         (
             text + out["response"],
@@ -280,12 +285,12 @@ def run(cfg: DictConfig) -> Path:
     todo = [s for s in starts if not (shard_dir / f"shard_{s:08d}.parquet").exists()]
     spend, t0 = Spend(), time.perf_counter()
     if todo:
+        model = {"policy.model.path": cfg.policy.model.path}
+        budget = check_budget(cfg, "process", ["data.max_prompt_length", "rollout.max_tokens"], model)
         init_ray(cfg)
-        rollout = {
-            **OmegaConf.to_container(cfg.rollout, resolve=True),
-            "max_model_len": cfg.rollout.max_model_len or cfg.data.max_prompt_length + 2 * cfg.data.max_response_length,
-        }
-        group = RolloutGroup(rollout, cfg.policy.model.path, cfg.trainer.nnodes, engines_per_node(cfg))
+        group = RolloutGroup(
+            engine_config(cfg, budget), cfg.policy.model.path, cfg.trainer.nnodes, engines_per_node(cfg)
+        )
         try:
             for start in tqdm(todo, desc=f"process scores ({cfg.process.strategy})", unit="shard"):
                 shard, s = run_shard(

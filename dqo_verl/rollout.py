@@ -42,6 +42,13 @@ def sample_seed(base: int, *keys: int) -> int:
     return int(np.random.SeedSequence([base, *keys]).generate_state(1)[0] % (2**31 - 1))
 
 
+def request_limits(params: dict, max_tokens: list[int] | None, n: int) -> list[int]:
+    """Each request's token limit: params['max_tokens'], or below it the request's own (at least 1)."""
+    if max_tokens is None:
+        return [params["max_tokens"]] * n
+    return [max(1, min(params["max_tokens"], int(t))) for t in max_tokens]
+
+
 def sampling_params(rollout: DictConfig) -> dict:
     """The sampling parameters of a rollout config section."""
     return {k: rollout[k] for k in SAMPLING_KEYS}
@@ -59,8 +66,11 @@ class Engine(Protocol):
 
     def __init__(self, config: dict, rank: int): ...
 
-    def generate(self, prompts: list[list[int]], seeds: list[int], params: dict) -> dict[str, list]:
-        """{'response_ids', 'response', 'finish_reason' ('stop' | 'length'), 'logprobs' (raw, per token)}."""
+    def generate(
+        self, prompts: list[list[int]], seeds: list[int], params: dict, max_tokens: list[int] | None = None
+    ) -> dict[str, list]:
+        """{'response_ids', 'response', 'finish_reason' ('stop' | 'length'), 'logprobs' (raw, per token)};
+        `max_tokens`: a per-request limit below params['max_tokens']."""
         ...
 
 
@@ -92,7 +102,9 @@ class VLLMEngine:
             kwargs["gpu_memory_utilization"] = config["gpu_memory_utilization"]
         self.llm = LLM(**kwargs)
 
-    def generate(self, prompts: list[list[int]], seeds: list[int], p: dict) -> dict[str, list]:
+    def generate(
+        self, prompts: list[list[int]], seeds: list[int], p: dict, max_tokens: list[int] | None = None
+    ) -> dict[str, list]:
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
@@ -104,11 +116,11 @@ class VLLMEngine:
                 top_p=1.0 if greedy else p["top_p"],
                 top_k=-1 if greedy or p["top_k"] in (None, 0) else p["top_k"],
                 min_p=0.0 if greedy else p["min_p"],
-                max_tokens=p["max_tokens"],
+                max_tokens=limit,
                 seed=None if greedy else seed,
                 logprobs=0,
             )
-            for seed in seeds
+            for seed, limit in zip(seeds, request_limits(p, max_tokens, len(seeds)))
         ]
         outputs = self.llm.generate(
             [TokensPrompt(prompt_token_ids=list(ids)) for ids in prompts], sampling, use_tqdm=False
@@ -133,14 +145,17 @@ class HFEngine:
         dtype = torch.float32 if config["dtype"] in ("float32", "auto") and device == "cpu" else torch.bfloat16
         self.model = AutoModelForCausalLM.from_pretrained(config["model"], dtype=dtype).to(device).eval()
 
-    def generate(self, prompts: list[list[int]], seeds: list[int], p: dict) -> dict[str, list]:
+    def generate(
+        self, prompts: list[list[int]], seeds: list[int], p: dict, max_tokens: list[int] | None = None
+    ) -> dict[str, list]:
+        limits = request_limits(p, max_tokens, len(prompts))
         result = {"response_ids": [], "response": [], "finish_reason": [], "logprobs": []}
         tok = self.tokenizer
         eos, pad = tok.eos_token_id, tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
         i = 0
         while i < len(prompts):
             j = i
-            while j < len(prompts) and list(prompts[j]) == list(prompts[i]):
+            while j < len(prompts) and list(prompts[j]) == list(prompts[i]) and limits[j] == limits[i]:
                 j += 1
             input_ids = torch.tensor([list(prompts[i])], device=self.model.device)
             torch.manual_seed(seeds[i])
@@ -161,7 +176,7 @@ class HFEngine:
                 gen = self.model.generate(
                     input_ids=input_ids,
                     attention_mask=torch.ones_like(input_ids),
-                    max_new_tokens=p["max_tokens"],
+                    max_new_tokens=limits[i],
                     num_return_sequences=copies,
                     eos_token_id=eos,
                     pad_token_id=pad,
@@ -213,7 +228,8 @@ class RolloutWorker(Worker):
     def generate(self, data: DataProto) -> DataProto:
         prompts = list(data.non_tensor_batch["prompt_ids"])
         seeds = [int(s) for s in data.non_tensor_batch["seed"]]
-        out = self.engine.generate(prompts, seeds, data.meta_info)
+        limits = data.non_tensor_batch.get("max_tokens")
+        out = self.engine.generate(prompts, seeds, data.meta_info, None if limits is None else [int(t) for t in limits])
         return DataProto.from_single_dict({k: objects(v) for k, v in out.items()})
 
 
@@ -243,10 +259,15 @@ class RolloutGroup:
         """Serve `model` (a folder or hub name) from now on."""
         Call("rollout", self.group.load(model)).result(f"loading {model}")
 
-    def generate(self, prompt_ids: list[list[int]], seeds: list[int], params: dict) -> list[dict]:
-        """One sample per request, in request order."""
+    def generate(
+        self, prompt_ids: list[list[int]], seeds: list[int], params: dict, max_tokens: list[int] | None = None
+    ) -> list[dict]:
+        """One sample per request, in request order; `max_tokens`: per-request limits below params['max_tokens']."""
+        requests = {"prompt_ids": objects([list(p) for p in prompt_ids]), "seed": np.asarray(seeds, dtype=np.int64)}
+        if max_tokens is not None:
+            requests["max_tokens"] = np.asarray(max_tokens, dtype=np.int64)
         data = DataProto.from_single_dict(
-            {"prompt_ids": objects([list(p) for p in prompt_ids]), "seed": np.asarray(seeds, dtype=np.int64)},
+            requests,
             meta_info=params,
             auto_padding=True,
         )

@@ -56,6 +56,7 @@ def test_rollout_group_samples(ray_session, trained_tiny_policy, backend):
         out = group.generate(ids, seeds, PARAMS)
         again = group.generate(ids, seeds, PARAMS)
         short = group.generate(ids[:4], seeds[:4], {**PARAMS, "max_tokens": 5})
+        limited = group.generate(ids[:4], seeds[:4], PARAMS, max_tokens=[3, 1, 200, 0])  # per request, <= 96
     finally:
         group.shutdown()
     if backend == "vllm":  # the corpus does not depend on how many engines made it
@@ -76,6 +77,9 @@ def test_rollout_group_samples(ray_session, trained_tiny_policy, backend):
         assert (o["finish_reason"] == "stop") == (ids_[-1] == tok.eos_token_id)
     assert sum(o["finish_reason"] == "stop" for o in out) >= 20  # the trained tiny model ends its answers
     assert all(o["finish_reason"] == "length" and len(o["response_ids"]) == 5 for o in short)
+    assert [len(o["response_ids"]) for o in limited[:2]] == [3, 1] and len(limited[3]["response_ids"]) == 1
+    if backend == "vllm":  # (transformers draws the copies of a prompt in one call, so only vLLM repeats it)
+        assert list(limited[2]["response_ids"]) == list(out[2]["response_ids"])  # a limit above 96 is 96
 
     # the recorded log-probs are the model's own (raw, before temperature / top-k / top-p)
     model = AutoModelForCausalLM.from_pretrained(trained_tiny_policy, dtype=torch.float32).eval()

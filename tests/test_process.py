@@ -110,18 +110,20 @@ class ThresholdCompleter:
 
     def __init__(self, corpus, ends, tokenizer, thresholds):
         self.thresholds, self.requests, self.tok = thresholds, 0, tokenizer
-        self.by_prompt = {}
+        self.by_prompt, self.prompt_ids = {}, list(corpus["prompt_ids"])
         for row in range(len(corpus)):
             rec = corpus.iloc[row]
             for i in range(1, len(ends[row])):
                 key = tuple(rec["prompt_ids"]) + tuple(rec["response_ids"][: ends[row][i - 1] + 1])
                 self.by_prompt[key] = (row, i, rec["reward_model"]["ground_truth"])
 
-    def generate(self, prompts, seeds, params):
+    def generate(self, prompts, seeds, params, max_tokens):
         self.requests += len(prompts)
         out = []
-        for p, s in zip(prompts, seeds):
+        for p, s, limit in zip(prompts, seeds, max_tokens):
             row, i, truth = self.by_prompt[tuple(p)]
+            prompt_length = len(self.prompt_ids[row])
+            assert limit == params["max_tokens"] - (len(p) - prompt_length)  # prefix + completion within the limit
             lucky = random.Random(s).random() < 0.5  # some of the K completions fail anyway
             answer = truth if i <= self.thresholds[row] and lucky else "-1"
             out.append({"response": f"\n\n#### {answer}", "response_ids": [1, 2, 3]})
@@ -162,7 +164,7 @@ def test_batched_search_with_seeded_completions(tiny_models):
             strategy,
             k=6,
             seed=0,
-            params={},
+            params={"max_tokens": 200},
             tokenizer=tok,
             workers=1,
         )
