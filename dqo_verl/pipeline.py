@@ -73,6 +73,14 @@ def _run_dir(cfg: DictConfig, *names: str) -> list[str]:
     return [str(Path(cfg.trainer.output_dir) / name) for name in names]
 
 
+def _sft_texts(cfg: DictConfig) -> list[str]:
+    """The sft stage's text files that evaluation keeps out of generated test sets."""
+    sft = cfg.sft
+    return (
+        _data(cfg, "sft.parquet", *(["dev.parquet"] if sft.get("target_accuracy") is not None else [])) if sft else []
+    )
+
+
 def _generated_eval_sets(cfg: DictConfig) -> bool:
     return any(name in ("synthetic", "reasoning_gym") for name in cfg.evaluate.sets)
 
@@ -104,8 +112,8 @@ STAGES: tuple[Stage, ...] = (
     Stage(
         "sft",
         sft.run,
-        outputs=lambda c: [c.sft.out, *_data(c, "sft.parquet", "dev.parquet", "sft_tokens.parquet")] if c.sft else [],
-        inputs=lambda c: [c.sft.model],
+        outputs=lambda c: [c.sft.out, *_sft_texts(c), *_data(c, "sft_tokens.parquet")] if c.sft else [],
+        inputs=lambda c: [c.sft.model] + ([c.sft.data.path] if c.sft.get("data") else []),
         keys=(
             "sft",
             "dataset.difficulty",
@@ -133,9 +141,9 @@ STAGES: tuple[Stage, ...] = (
     Stage(
         "prompts",
         prompts.prepare,
-        outputs=lambda c: _data(c, "prompts.parquet") + (_data(c, "sft.parquet") if c.get("sft_dataset") else []),
+        outputs=lambda c: _data(c, "prompts.parquet"),
         inputs=lambda c: [c.policy.model.path],
-        keys=("dataset", "sft_dataset"),
+        keys=("dataset", "data.max_prompt_length"),
     ),
     Stage(
         "corpus",
@@ -192,11 +200,7 @@ STAGES: tuple[Stage, ...] = (
         ],
         inputs=lambda c: [
             *evaluate.models_and_names(c)[0],
-            *(
-                _data(c, "prompts.parquet") + (_data(c, "sft.parquet", "dev.parquet") if c.sft else [])
-                if _generated_eval_sets(c)
-                else []
-            ),
+            *(_data(c, "prompts.parquet") + _sft_texts(c) if _generated_eval_sets(c) else []),
         ],
         keys=("evaluate", "rollout.backend", "rollout.dtype", "data.max_prompt_length", "trainer.seed"),
     ),

@@ -7,8 +7,8 @@ the same schema (`dataset.path=/dir/train.parquet`). Besides the hub datasets th
 sources: the built-in synthetic arithmetic task and reasoning-gym's task generators.
 
 The `prompts` stage (`make prompts RECIPE=NAME`) writes `${paths.data}/prompts.parquet` in verl's
-field conventions, with the chat-templated `prompt_ids` (and, when the recipe has `sft_dataset`,
-`${paths.data}/sft.parquet`).
+field conventions, with the chat-templated `prompt_ids`; prompts longer than data.max_prompt_length
+are dropped, with a count printed.
 """
 
 from __future__ import annotations
@@ -324,7 +324,7 @@ def add_prompt_ids(df: pd.DataFrame, tokenizer) -> pd.DataFrame:
 
 
 def prepare(cfg: DictConfig) -> Path:
-    """The `prompts` stage: write ${paths.data}/prompts.parquet (and sft.parquet)."""
+    """The `prompts` stage: write ${paths.data}/prompts.parquet."""
     d = cfg.dataset
     out_dir = Path(cfg.paths.data)
     if d.name == "synthetic":
@@ -344,14 +344,13 @@ def prepare(cfg: DictConfig) -> Path:
                 f"{', '.join(sources)}"
             )
     df = add_prompt_ids(df, hf_tokenizer(cfg.policy.model.path))
+    too_long = df["prompt_ids"].map(len) > cfg.data.max_prompt_length
+    if too_long.any():
+        limit = cfg.data.max_prompt_length
+        print(f"[prompts] {int(too_long.sum())} prompts longer than data.max_prompt_length={limit} tokens dropped")
+        df = df[~too_long].reset_index(drop=True)
+        stats["rows"] = len(df)
     path = out_dir / "prompts.parquet"
     write_parquet_atomic(df, path)
     print(f"[prompts] {stats['rows']} prompts ({stats['skipped']} rows without a usable answer skipped) -> {path}")
-    if cfg.get("sft_dataset"):
-        s = cfg.sft_dataset
-        sft = build_sft_set(
-            s.path, s.n, s.get("seed", 0), s.get("problem_key", "problem"), s.get("response_key", "qwq")
-        )
-        write_parquet_atomic(sft, out_dir / "sft.parquet")
-        print(f"[prompts] {len(sft)} SFT trajectories -> {out_dir / 'sft.parquet'}")
     return path

@@ -40,7 +40,7 @@ def test_cfg_job_prints_the_composed_config():
 
 
 PAPER = {
-    "qwen_numina": ("Qwen/Qwen2.5-Math-7B", 5e-7, 3072, "AI-MO/NuminaMath-CoT"),
+    "qwen_numina": ("outputs/qwen_numina/assets/qwen2.5-qwq", 5e-7, 3072, "AI-MO/NuminaMath-CoT"),  # the SFT export
     "qwen2_gsm8k": ("Qwen/Qwen2-7B-Instruct", 5e-7, 1024, "openai/gsm8k"),
     "qwen2_math": ("Qwen/Qwen2-7B-Instruct", 5e-7, 2048, "DigitalLearningGmbH/MATH-lighteval"),
     "gemma_gsm8k": ("google/gemma-1.1-7b-it", 1e-7, 1024, "openai/gsm8k"),
@@ -77,6 +77,21 @@ def test_qwen_numina_takes_the_papers_olympiad_problems():
     assert compose_config("qwen2_math").dataset.sources is None
     d = compose_config("qwen_numina").data
     assert d.max_prompt_length + d.max_response_length == 4096  # paper Figure 3: Qwen2.5-Math-7B's context
+
+
+def test_qwen_numina_makes_qwen25_qwq_and_starts_every_model_from_it():
+    cfg = OmegaConf.to_container(compose_config("qwen_numina"), resolve=True)
+    s = cfg["sft"]
+    assert s["model"] == "Qwen/Qwen2.5-Math-7B" and s["out"] == "outputs/qwen_numina/assets/qwen2.5-qwq"  # paper §5.1
+    assert (s["data"]["path"], s["data"]["n"], s["data"]["response_key"]) == (
+        "qingy2024/QwQ-LongCoT-Verified-130K",
+        4096,
+        "qwq",
+    )
+    assert (s["lr"], s["batch_size"], s["epochs"]) == (2e-5, 64, 3)  # A.2's SFT baseline for Qwen (our choice)
+    assert cfg["policy"]["model"]["path"] == cfg["value"]["model"]["path"] == cfg["ref"]["path"] == s["out"]
+    assert cfg["evaluate"]["models"][0] == s["out"]  # evaluation's base row is Qwen2.5-QwQ
+    assert cfg["pipeline"]["stages"][0] == "sft"
 
 
 def test_paper_recipe_paths_are_overridable():

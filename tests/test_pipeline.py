@@ -207,16 +207,17 @@ def test_the_recipes_plan_their_stages_from_inputs_and_outputs():
 
 
 def test_the_main_job_without_its_corpus_names_the_stages_to_run(tmp_path):
-    root = [f"paths.root={tmp_path}", f"paths.data={tmp_path}/data"]
+    root = [f"paths.root={tmp_path}", f"paths.data={tmp_path}/data", f"paths.assets={tmp_path}/assets"]
     with pytest.raises(InputError) as err:
         main.run(compose_config("qwen_numina", root))
     assert str(err.value) == (
         f"data.train_files: {tmp_path}/data/corpus.parquet does not exist; make it first with "
-        "`make pipeline RECIPE=qwen_numina STAGES=prompts,corpus,score` (or run the whole pipeline: "
+        "`make pipeline RECIPE=qwen_numina STAGES=sft,prompts,corpus,score` (or run the whole pipeline: "
         "`make pipeline RECIPE=qwen_numina`)"
     )
     (tmp_path / "data").mkdir()
-    for name in ("prompts.parquet", "sft.parquet"):  # the prompts stage done: only what is missing is named
+    (tmp_path / "assets" / "qwen2.5-qwq").mkdir(parents=True)  # the sft and prompts stages done: only what is
+    for name in ("prompts.parquet", "sft.parquet", "sft_tokens.parquet"):  # missing is named
         (tmp_path / "data" / name).write_bytes(b"made")
     with pytest.raises(InputError, match=r"STAGES=corpus,score,process`"):
         main.run(compose_config("qwen_numina_ps", [*root, f"data.train_files={tmp_path}/data/corpus_ps.parquet"]))
