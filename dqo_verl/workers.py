@@ -14,6 +14,8 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
 from typing import Any
 
 import ray
@@ -34,6 +36,7 @@ from verl.workers.engine_workers import TrainingWorker
 
 import dqo_verl.cpu_platform  # noqa: F401  (registers the CPU platform in this process)
 from dqo_verl.cli import RunError
+from dqo_verl.lora import merge_lora_folder, value_lora_module
 
 # every process of a job loads the CPU platform plugin (a no-op on GPU machines)
 PLUGIN_ENV = {"VERL_USE_EXTERNAL_MODULES": "dqo_verl.cpu_platform", "TOKENIZERS_PARALLELISM": "false"}
@@ -102,12 +105,19 @@ class DQOWorker(TrainingWorker):
     - On the CPU platform its process group is plain gloo: verl's default backend string
       "cpu:gloo,<device>:<backend>" names the cpu device twice there, which torch rejects.
     - Its blocking methods return futures, so that the driver can wait on each rank and fail fast.
+    - With LoRA (`model.lora_rank` > 0), a value model gets its adapters from `lora.value_lora_module`, and
+      the HF copy in each checkpoint is rewritten with the adapters merged in (`lora.merge_lora_folder`).
     """
 
     def __init__(self, config):
         if get_device_name() == "cpu":
             initialize_global_process_group_ray(backend="gloo")
         super().__init__(config)
+        self.lora_scaling = None
+        if self.model_config.lora_rank > 0:
+            self.lora_scaling = self.model_config.lora_alpha / self.model_config.lora_rank
+            if self.config.model_type == "value_model":
+                self.engine._build_lora_module = partial(value_lora_module, self.engine)
 
     @register(dispatch_mode=Dispatch.ONE_TO_ALL, blocking=False)
     def set_loss_fn(self, loss_fn):
@@ -119,7 +129,11 @@ class DQOWorker(TrainingWorker):
 
     @register(dispatch_mode=Dispatch.ONE_TO_ALL, blocking=False)
     def save_checkpoint(self, local_path, hdfs_path=None, global_step=0, max_ckpt_to_keep=None):
-        return super().save_checkpoint(local_path, hdfs_path, global_step, max_ckpt_to_keep)
+        out = super().save_checkpoint(local_path, hdfs_path, global_step, max_ckpt_to_keep)
+        hf_folder = Path(local_path) / "huggingface"
+        if self.lora_scaling is not None and self.rank == 0 and hf_folder.is_dir():
+            merge_lora_folder(hf_folder, self.lora_scaling)
+        return out
 
     @register(dispatch_mode=Dispatch.ONE_TO_ALL, blocking=False)
     def load_checkpoint(self, local_path, hdfs_path=None, del_local_after_load=False):
@@ -129,6 +143,9 @@ class DQOWorker(TrainingWorker):
     def zero_value_head(self) -> None:
         """Zero a value model's output layer (`score`, or trl's `v_head.summary`): V = 0 on every state."""
         heads = [m for name, m in self.engine.module.named_modules() if name.split(".")[-1] in ("score", "summary")]
+        heads = [
+            m.modules_to_save["default"] if hasattr(m, "modules_to_save") else m for m in heads
+        ]  # LoRA: the trained copy
         if len(heads) != 1 or not isinstance(heads[0], torch.nn.Linear) or heads[0].out_features != 1:
             raise ValueError(f"expected one 1-unit `score` head in a value model, found {len(heads)} candidate(s)")
         with torch.no_grad():

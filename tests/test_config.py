@@ -7,6 +7,7 @@ import yaml
 from omegaconf import OmegaConf
 
 from dqo_verl.cli import RECIPES_DIR, compose_config, register_recipes
+from dqo_verl.pipeline import make_plan
 
 
 def test_recipes_are_registered():
@@ -91,7 +92,10 @@ def test_qwen_numina_makes_qwen25_qwq_and_starts_every_model_from_it():
     assert (s["lr"], s["batch_size"], s["epochs"]) == (2e-5, 64, 3)  # A.2's SFT baseline for Qwen (our choice)
     assert cfg["policy"]["model"]["path"] == cfg["value"]["model"]["path"] == cfg["ref"]["path"] == s["out"]
     assert cfg["evaluate"]["models"][0] == s["out"]  # evaluation's base row is Qwen2.5-QwQ
-    assert cfg["pipeline"]["stages"][0] == "sft"
+    plan = make_plan(compose_config("qwen_numina"), ["eval"])
+    assert [s.name for s in plan.stages] == ["sft", "prompts", "corpus", "score", "train", "eval"]
+    mine = compose_config("qwen_numina", ["policy.model.path=/models/mine"])  # a model of one's own: no sft
+    assert [s.name for s in make_plan(mine, ["eval"]).stages] == ["prompts", "corpus", "score", "train", "eval"]
 
 
 def test_paper_recipe_paths_are_overridable():

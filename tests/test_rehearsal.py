@@ -1,6 +1,6 @@
 """A rehearsal of the paper's own chain: the `qwen_numina` recipe, with tiny local stand-ins in the hub schemas of
 Qwen2.5-Math-7B, QwQ-LongCoT-Verified-130K and NuminaMath-CoT (and MATH-500 for evaluation), runs
-sft -> prompts -> corpus -> score -> train -> eval through the pipeline runner on CPU. Only sizes and CPU
+sft -> prompts -> corpus -> score -> train -> eval -> report through the pipeline runner on CPU. Only sizes and CPU
 settings are overridden: the budget (1,024 + 3,072 = the stand-in's 4,096 context), the Olympiad filter, the
 epoch-1 export and the SFT export as policy, value and reference are the recipe's own."""
 
@@ -14,7 +14,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from dqo_verl import synthetic
+from dqo_verl import main, synthetic
+from dqo_verl.cli import InputError, compose_config
 from dqo_verl.tiny_model import build_tiny_policy
 
 pytestmark = pytest.mark.slow
@@ -111,9 +112,9 @@ def test_qwen_numina_rehearsal_on_cpu(tmp_path):
     out = run("dqo_verl.pipeline", args)
     assert out.returncode == 0, out.stdout[-5000:] + out.stderr[-5000:]
     log = out.stdout
-    assert "[pipeline] stages: sft -> prompts -> corpus -> score -> train -> eval" in log
+    assert "[pipeline] stages: sft -> prompts -> corpus -> score -> train -> eval -> report" in log
     times = dict(re.findall(r"\[pipeline\] (\w+): (\d+)s ->", log))
-    assert list(times) == ["sft", "prompts", "corpus", "score", "train", "eval"]
+    assert list(times) == ["sft", "prompts", "corpus", "score", "train", "eval", "report"]
     print("stage seconds:", times)
 
     # sft: the over-long trajectories are dropped and counted; the export is the policy, value and reference
@@ -151,10 +152,10 @@ def test_qwen_numina_rehearsal_on_cpu(tmp_path):
     assert "| base " in table and "| dqo " in table and "math500 greedy" in table
 
     # the budget: one more response token than the stand-in's context allows is refused before any worker starts
-    over = run("dqo_verl.main", [*args, "data.max_response_length=3073"])
-    assert out.returncode == 0 and over.returncode == 1
-    assert over.stderr.strip().splitlines()[-1] == (
-        "error: dqo training: the context budget data.max_prompt_length (1024) + data.max_response_length (3073) = "
+    with pytest.raises(InputError) as err:
+        main.run(compose_config("qwen_numina", [*args, "data.max_response_length=3073"]))
+    assert str(err.value) == (
+        "dqo training: the context budget data.max_prompt_length (1024) + data.max_response_length (3073) = "
         f"4097 tokens exceeds the context of policy.model.path ({qwq}): max_position_embeddings 4096. "
         "Lower them so that they total at most 4096"
     )
