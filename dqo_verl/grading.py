@@ -193,6 +193,8 @@ def grade(response: str, ground_truth: str, answer_format: str) -> dict:
 # live Ray/gRPC connections corrupts them (the driver then hangs in its next GCS call).
 _POOL_CONTEXT = multiprocessing.get_context("forkserver")
 _POOL_CONTEXT.set_forkserver_preload([__name__])
+# batches this small are graded in the calling process (milliseconds a response), unless `workers` asks for a pool
+IN_PROCESS_ROWS = 256
 
 
 @functools.cache
@@ -211,8 +213,12 @@ def grade_many(
     """`grade(*row)` for every (response, ground_truth, answer_format), in a process pool, in order.
 
     The pool does not fork the caller (see `_POOL_CONTEXT`), so a script calling this must, as with
-    any spawned pool, keep its top-level code under `if __name__ == "__main__":`.
+    any spawned pool, keep its top-level code under `if __name__ == "__main__":`. Without `workers`, up to
+    `IN_PROCESS_ROWS` rows are graded here: a new pool worker re-imports the caller's main module (seconds,
+    with verl), which costs more than grading them.
     """
+    if workers is None and len(rows) <= IN_PROCESS_ROWS:
+        return _grade_rows(rows)
     parts = [rows[i : i + chunk] for i in range(0, len(rows), chunk)]
     pool = _pool(workers or os.cpu_count() or 1)
     results: list[dict] = []

@@ -195,3 +195,16 @@ def test_a_dead_grading_worker_fails_that_call_and_the_next_starts_afresh():
     with pytest.raises(BrokenProcessPool):
         grade_many(rows, workers=2, chunk=4)
     assert [r["score"] for r in grade_many(rows, workers=2, chunk=4)] == [1.0] * 8
+
+
+def test_small_batches_are_graded_in_the_calling_process(monkeypatch):
+    def no_pool(workers):
+        raise AssertionError("a pool was started for a small batch")
+
+    rows = [("#### 7", "7", "gsm8k"), ("#### 8", "7", "gsm8k")] * (grading.IN_PROCESS_ROWS // 2)
+    monkeypatch.setattr(grading, "_pool", no_pool)
+    assert [r["score"] for r in grade_many(rows)] == [1.0, 0.0] * (grading.IN_PROCESS_ROWS // 2)
+    with pytest.raises(AssertionError, match="a pool was started"):
+        grade_many(rows + rows[:1])  # one more: a pool
+    with pytest.raises(AssertionError, match="a pool was started"):
+        grade_many(rows[:2], workers=2)  # asked for
