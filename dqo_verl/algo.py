@@ -243,3 +243,47 @@ def dqo_targets(
         returns=compute_lambda_returns(a_rewards, a_log_ratio, a_values, mask, beta, lam),
         weights=compute_is_weights(a_log_ratio, mask, is_log_clip),
     )
+
+
+# ----------------------------------------------------------------------------------------------
+# Preference baselines (paper Table 3): losses of whole-response log-ratios r = log pi(y|x) / pi_ref(y|x)
+# ----------------------------------------------------------------------------------------------
+
+
+def dpo_loss(
+    chosen_log_ratio: torch.Tensor, rejected_log_ratio: torch.Tensor, beta: float
+) -> tuple[torch.Tensor, dict]:
+    """DPO (Rafailov et al., 2023), sigmoid form: mean over pairs [P] of -log sigmoid(beta * (r_w - r_l))."""
+    margin = beta * (chosen_log_ratio - rejected_log_ratio)
+    loss = -torch.nn.functional.logsigmoid(margin).mean()
+    return loss, {"margin": margin.detach().mean().item(), "accuracy": (margin > 0).float().mean().item()}
+
+
+def kto_reference_point(mismatched_log_ratio: torch.Tensor) -> torch.Tensor:
+    """KTO's z0: the batch's estimate of KL(pi || pi_ref) from responses paired with other prompts; >= 0, detached."""
+    return mismatched_log_ratio.detach().mean().clamp(min=0.0)
+
+
+def kto_loss(
+    log_ratio: torch.Tensor,
+    desirable: torch.Tensor,
+    z0: torch.Tensor,
+    beta: float,
+    desirable_weight: float = 1.0,
+    undesirable_weight: float = 1.0,
+) -> tuple[torch.Tensor, dict]:
+    """KTO (Ethayarajh et al., 2024): mean over responses [N] of lambda_D (1 - sigmoid(beta (r - z0))) for
+    desirable ones and lambda_U (1 - sigmoid(beta (z0 - r))) for undesirable ones."""
+    good = desirable.bool()
+    value = torch.where(good, torch.sigmoid(beta * (log_ratio - z0)), torch.sigmoid(beta * (z0 - log_ratio)))
+    weight = torch.where(good, desirable_weight, undesirable_weight).to(log_ratio.dtype)
+    loss = (weight * (1.0 - value)).mean()
+    return loss, {"z0": float(z0), "log_ratio_desirable": log_ratio[good].detach().mean().item() if good.any() else 0.0}
+
+
+def sequence_coefficients(loss: torch.Tensor, sequence_log_probs: torch.Tensor) -> torch.Tensor:
+    """d loss / d log pi(y_i|x_i) for each response: a loss of whole-response log-probs has the gradient
+    sum_i c_i * grad log pi(y_i|x_i), so a policy step on the surrogate sum_i c_i log pi(y_i|x_i) (c_i fixed)
+    is a step on the loss itself (docs/design.md, "Preference baselines")."""
+    (grad,) = torch.autograd.grad(loss, sequence_log_probs)
+    return grad.detach()

@@ -15,7 +15,6 @@
 
 from __future__ import annotations
 
-import random
 from pathlib import Path
 
 import pandas as pd
@@ -23,7 +22,7 @@ from matplotlib.figure import Figure
 from omegaconf import DictConfig
 from verl.utils import hf_tokenizer
 
-from dqo_verl.data import write_parquet_atomic
+from dqo_verl.data import preference_pairs, write_parquet_atomic
 
 RESPONSE_FIELDS = ("prompt_ids", "response_ids", "response", "score")
 
@@ -46,13 +45,7 @@ def rs_set(corpus: pd.DataFrame) -> pd.DataFrame:
 
 def dpo_pairs(corpus: pd.DataFrame, seed: int) -> pd.DataFrame:
     """Random (correct, incorrect) pairs within a prompt: min(all pairs, len(corpus) // 2) of them."""
-    all_pairs = []
-    for uid, group in corpus.groupby("uid", sort=True):
-        good = group.index[group["score"] == 1].tolist()
-        bad = group.index[group["score"] == 0].tolist()
-        all_pairs.extend((uid, g, b) for g in good for b in bad)
-    k = min(len(all_pairs), len(corpus) // 2)
-    picked = sorted(random.Random(seed).sample(all_pairs, k))
+    picked = [(corpus.at[g, "uid"], g, b) for g, b in preference_pairs(corpus, seed)]
     return pd.DataFrame(
         [
             {

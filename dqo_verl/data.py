@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -271,7 +272,25 @@ def build_batch(rows: pd.DataFrame, spec: BatchSpec) -> TensorDict:
     )
 
 
-def epoch_batches(num_rows: int, batch_size: int, seed: int, epoch: int, shuffle: bool = True) -> list[np.ndarray]:
-    """Row indices of each update in `epoch`: a permutation fixed by (seed, epoch); a last partial batch is dropped."""
-    order = np.random.default_rng([seed, epoch]).permutation(num_rows) if shuffle else np.arange(num_rows)
-    return [order[i * batch_size : (i + 1) * batch_size] for i in range(num_rows // batch_size)]
+def epoch_batches(
+    num_rows: int, batch_size: int, seed: int, epoch: int, shuffle: bool = True, unit_rows: int = 1
+) -> list[np.ndarray]:
+    """Row indices of each update in `epoch`: `batch_size` units of `unit_rows` consecutive rows (a DPO pair, ...)
+    in an order fixed by (seed, epoch); a last partial batch is dropped."""
+    units = num_rows // unit_rows
+    order = np.random.default_rng([seed, epoch]).permutation(units) if shuffle else np.arange(units)
+    rows = (order[:, None] * unit_rows + np.arange(unit_rows)).reshape(-1)
+    size = batch_size * unit_rows
+    return [rows[i * size : (i + 1) * size] for i in range(units // batch_size)]
+
+
+def preference_pairs(corpus: pd.DataFrame, seed: int) -> list[tuple[int, int]]:
+    """Random (correct, incorrect) row pairs of the same prompt (`uid`): min(all such pairs, len(corpus) // 2)
+    of them, sorted by (uid, rows) (the DPO set, paper Table 8)."""
+    candidates = []
+    for uid, group in corpus.groupby("uid", sort=True):
+        good = group.index[group["score"] == 1].tolist()
+        bad = group.index[group["score"] == 0].tolist()
+        candidates.extend((uid, g, b) for g in good for b in bad)
+    picked = sorted(random.Random(seed).sample(candidates, min(len(candidates), len(corpus) // 2)))
+    return [(g, b) for _, g, b in picked]

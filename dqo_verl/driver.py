@@ -130,6 +130,8 @@ class Trainer:
     roles: ClassVar[dict[str, str]] = {"policy": "language_model"}  # role -> verl model type
     required_columns: ClassVar[tuple[str, ...]] = ("prompt_ids", "response_ids")
     uses_reference: ClassVar[bool] = False  # needs ref_logprobs in its batches
+    unit_rows: ClassVar[int] = 1  # rows that stay together in one update (a DPO pair: 2)
+    corpus_tag: ClassVar[str | None] = None  # names a method's own rows (`prepare_corpus`) in its reference cache
 
     def __init__(self, config: DictConfig, corpus: pd.DataFrame | None = None):
         self.config = config
@@ -142,6 +144,7 @@ class Trainer:
         budget = ["data.max_prompt_length", "data.max_response_length"]
         check_budget(config, f"{config.algorithm.name} training", budget, dict(zip(keys, models)))
         self.corpus = corpus if corpus is not None else load_corpus(config, self.required_columns, models)
+        self.corpus = self.prepare_corpus(self.corpus)
         self.corpus_path = Path(config.data.train_files).expanduser()
 
         self.batch_size = config.data.train_batch_size
@@ -149,16 +152,18 @@ class Trainer:
         for role in self.roles:
             for key in ("micro_batch_size_per_gpu", "infer_micro_batch_size_per_gpu"):
                 micro = self.sections[role].engine[key]
-                if self.batch_size % (world * micro):
+                if self.batch_size * self.unit_rows % (world * micro):
+                    per = f" x {self.unit_rows} rows" if self.unit_rows > 1 else ""
                     raise InputError(
-                        f"data.train_batch_size={self.batch_size} must be a multiple of the {world} ranks x "
+                        f"data.train_batch_size={self.batch_size}{per} must be a multiple of the {world} ranks x "
                         f"{role}.engine.{key}={micro}"
                     )
-        self.steps_per_epoch = len(self.corpus) // self.batch_size
+        self.steps_per_epoch = len(self.corpus) // self.unit_rows // self.batch_size
         if self.steps_per_epoch == 0:
-            raise InputError(
-                f"{self.corpus_path}: {len(self.corpus)} rows, fewer than data.train_batch_size={self.batch_size}"
-            )
+            rows = f"{len(self.corpus)} rows"
+            if self.unit_rows > 1:
+                rows += f" ({len(self.corpus) // self.unit_rows} units of {self.unit_rows})"
+            raise InputError(f"{self.corpus_path}: {rows}, fewer than data.train_batch_size={self.batch_size}")
         self.total_steps = self.steps_per_epoch * config.trainer.total_epochs
         if config.trainer.total_training_steps is not None:
             self.total_steps = min(self.total_steps, config.trainer.total_training_steps)
@@ -179,6 +184,10 @@ class Trainer:
     def loss_fn(self, role: str) -> Callable:
         """The verl loss function (`TrainingWorker.set_loss_fn`) of `role`."""
         raise NotImplementedError
+
+    def prepare_corpus(self, corpus: pd.DataFrame) -> pd.DataFrame:
+        """The rows the method trains on, from the checked corpus (units of `unit_rows` consecutive rows)."""
+        return corpus
 
     def make_batch(self, rows: pd.DataFrame) -> TensorDict:
         """verl's left/right-padded batch of corpus rows, with whatever fields the method's losses read."""
@@ -225,7 +234,14 @@ class Trainer:
                 forward_only=True,
             )
             self.corpus = ref_cache.with_ref_logprobs(
-                self.corpus, self.corpus_path, c, self.pool, self.groups.get("policy"), reference, self.pad_token_id
+                self.corpus,
+                self.corpus_path,
+                c,
+                self.pool,
+                self.groups.get("policy"),
+                reference,
+                self.pad_token_id,
+                self.corpus_tag,
             )
 
     def shutdown(self) -> None:
@@ -376,7 +392,9 @@ class Trainer:
         bar = tqdm(total=self.total_steps, initial=step, desc=name, unit="step", dynamic_ncols=True)
         while step < self.total_steps:
             epoch, index = divmod(step, self.steps_per_epoch)
-            batches = epoch_batches(len(self.corpus), self.batch_size, config.trainer.seed, epoch, config.data.shuffle)
+            batches = epoch_batches(
+                len(self.corpus), self.batch_size, config.trainer.seed, epoch, config.data.shuffle, self.unit_rows
+            )
             rows = self.corpus.iloc[batches[index]]
             start = time.perf_counter()
             metrics = self.train_step(rows, step)

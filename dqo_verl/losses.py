@@ -79,3 +79,13 @@ def sft_loss_fn(model_output: dict, data: TensorDict, dp_group=None) -> tuple:
     loss = -torch.where(mask.bool(), log_probs, torch.zeros_like(log_probs)).sum()
     loss = loss / data["batch_num_tokens"] * data["dp_size"]
     return loss, {"sft/loss": Metric(AggregationType.SUM, loss.detach())}
+
+
+def sequence_surrogate_loss_fn(model_output: dict, data: TensorDict, dp_group=None) -> tuple:
+    """sum_i c_i log pi(y_i|x_i) over the micro-batch, c_i = `seq_coef` from the driver (d loss / d log pi(y_i|x_i)
+    of a loss of whole-response log-probs: DPO, KTO): its gradient is the loss's gradient."""
+    log_probs = no_padding_2_padding(model_output["log_probs"], data).float()
+    mask, coef = _batch_fields(data, "response_mask", "seq_coef")
+    sequence = torch.where(mask.bool(), log_probs, torch.zeros_like(log_probs)).sum(dim=1)
+    loss = (coef * sequence).sum() * data["dp_size"]
+    return loss, {"policy/surrogate": Metric(AggregationType.SUM, loss.detach())}

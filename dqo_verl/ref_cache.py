@@ -25,21 +25,25 @@ from dqo_verl.data import BatchSpec, build_batch, parquet_metadata, write_parque
 from dqo_verl.workers import Group, Role, ranks, release, start_groups
 
 
-def cache_path(config: DictConfig, corpus_path: Path) -> Path:
-    """Where the cache of `corpus_path` lives."""
+def cache_path(config: DictConfig, corpus_path: Path, tag: str | None = None) -> Path:
+    """Where the cache of `corpus_path` lives (`tag`: a method's own rows, e.g. DPO pairs, in a file of their own)."""
     configured = config.data.get("ref_cache_file")
-    return Path(configured) if configured else corpus_path.with_name(corpus_path.stem + ".ref.parquet")
+    stem = corpus_path.stem + (f".{tag}" if tag else "")
+    return Path(configured) if configured else corpus_path.with_name(stem + ".ref.parquet")
 
 
-def fingerprint(config: DictConfig, corpus_path: Path) -> dict[str, str]:
+def fingerprint(config: DictConfig, corpus_path: Path, tag: str | None = None) -> dict[str, str]:
     """What the cached log-probs depend on (stored in the cache's parquet metadata)."""
     st = corpus_path.stat()
     d = config.data
-    return {
+    stamp = {
         "dqo.ref_model": model_id(config.ref.path),
         "dqo.corpus": f"{corpus_path.resolve()}:{st.st_size}:{st.st_mtime_ns}",
         "dqo.limits": f"{d.max_prompt_length}:{d.max_response_length}:{d.overlong}",
     }
+    if tag:  # a method's rows are drawn with the run's seed
+        stamp["dqo.rows"] = f"{tag}:{config.trainer.seed}"
+    return stamp
 
 
 def model_id(path: str) -> str:
@@ -80,6 +84,7 @@ def with_ref_logprobs(
     policy: Group | None,
     reference: Role,
     pad_token_id: int,
+    tag: str | None = None,
 ) -> pd.DataFrame:
     """`corpus` with a `ref_logprobs` column: as given, from the cache, or computed now and cached.
 
@@ -88,8 +93,8 @@ def with_ref_logprobs(
     """
     if "ref_logprobs" in corpus.columns and corpus["ref_logprobs"].notna().all():
         return corpus
-    cache = cache_path(config, corpus_path)
-    stamp = fingerprint(config, corpus_path)
+    cache = cache_path(config, corpus_path, tag)
+    stamp = fingerprint(config, corpus_path, tag)
     if cache.exists():
         if all(parquet_metadata(cache).get(k) == v for k, v in stamp.items()):
             print(f"[ref] reusing cached reference log-probs: {cache}")

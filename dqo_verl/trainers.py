@@ -8,6 +8,9 @@ and its losses (`losses.py`, pure maths in `algo.py`); the driver base class doe
   blank-line segments).
 - `dro`: DQO with the whole response as one action (Remark 4.2 of the DQO paper).
 - `sft`: supervised fine-tuning on the responses (the embedded default's warm-up).
+- `rs`: rejection sampling: supervised fine-tuning on the correct responses.
+- `dpo`: DPO (sigmoid) on (correct, incorrect) pairs of one prompt.
+- `kto`: KTO on every labelled response, its reference point from responses paired with other prompts.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from collections.abc import Callable
 from functools import partial
 from typing import ClassVar
 
+import numpy as np
 import pandas as pd
 import torch
 from omegaconf import DictConfig
@@ -23,9 +27,9 @@ from tensordict import TensorDict
 
 from dqo_verl import algo
 from dqo_verl.cli import InputError
-from dqo_verl.data import BatchSpec, build_batch
+from dqo_verl.data import BatchSpec, build_batch, preference_pairs
 from dqo_verl.driver import Trainer
-from dqo_verl.losses import dqo_policy_loss_fn, dqo_value_loss_fn, sft_loss_fn
+from dqo_verl.losses import dqo_policy_loss_fn, dqo_value_loss_fn, sequence_surrogate_loss_fn, sft_loss_fn
 
 
 class DQOTrainer(Trainer):
@@ -106,7 +110,102 @@ class SFTTrainer(Trainer):
         return sft_loss_fn
 
 
-TRAINERS: dict[str, type[Trainer]] = {"dqo": DQOTrainer, "dro": DROTrainer, "sft": SFTTrainer}
+class RSTrainer(SFTTrainer):
+    """Rejection sampling: supervised fine-tuning on the correct responses of the corpus."""
+
+    required_columns = ("prompt_ids", "response_ids", "score")
+
+    def prepare_corpus(self, corpus: pd.DataFrame) -> pd.DataFrame:
+        kept = corpus[corpus["score"] == 1].reset_index(drop=True)
+        if kept.empty:
+            raise InputError(f"{self.config.data.train_files}: no correct response to train rejection sampling on")
+        return kept
+
+
+class PreferenceTrainer(Trainer):
+    """A loss of whole-response log-ratios r_i = log pi(y_i|x_i) / pi_ref(y_i|x_i) (DPO, KTO).
+
+    Each update: the policy's log-probs (a forward pass), the loss and its coefficients c_i = d loss / d log
+    pi(y_i|x_i) on the driver (`algo.sequence_coefficients`), then one policy step on sum_i c_i log pi(y_i|x_i),
+    whose gradient is the loss's (docs/design.md, "Preference baselines"). Rows come in units of two.
+    """
+
+    required_columns = ("prompt_ids", "response_ids", "score")
+    uses_reference = True
+    unit_rows = 2
+
+    def loss_fn(self, role: str) -> Callable:
+        return sequence_surrogate_loss_fn
+
+    def preference_loss(self, log_ratio: torch.Tensor, td: TensorDict) -> tuple[torch.Tensor, dict]:
+        """The method's loss of the batch's sequence log-ratios [B] (rows in units of two)."""
+        raise NotImplementedError
+
+    def update(self, td: TensorDict, step: int) -> dict:
+        log_probs = self.forward(td, ("policy",), step)["policy"]
+        mask = td["response_mask"].bool()
+        sequence = torch.where(mask, log_probs, torch.zeros_like(log_probs)).sum(dim=1).requires_grad_(True)
+        reference = torch.where(mask, td["ref_logprobs"], torch.zeros_like(log_probs)).sum(dim=1)
+        loss, extra = self.preference_loss(sequence - reference, td)
+        coef = algo.sequence_coefficients(loss, sequence)
+        metrics = self.train({"policy": {"seq_coef": coef}}, td, step)
+        name = self.config.algorithm.name
+        metrics.update({f"{name}/loss": loss.item(), **{f"{name}/{k}": v for k, v in extra.items()}})
+        metrics["policy/loss"] = loss.item()  # the method's loss, not the surrogate's value
+        return metrics
+
+
+class DPOTrainer(PreferenceTrainer):
+    """DPO: (correct, incorrect) pairs of one prompt (`data.preference_pairs`, the baselines stage's DPO set)."""
+
+    corpus_tag = "dpo"
+
+    def prepare_corpus(self, corpus: pd.DataFrame) -> pd.DataFrame:
+        pairs = preference_pairs(corpus, self.config.trainer.seed)
+        if not pairs:
+            raise InputError(f"{self.config.data.train_files}: no prompt has both a correct and an incorrect response")
+        return corpus.loc[[row for pair in pairs for row in pair]].reset_index(drop=True)  # chosen, rejected, ...
+
+    def preference_loss(self, log_ratio: torch.Tensor, td: TensorDict) -> tuple[torch.Tensor, dict]:
+        return algo.dpo_loss(log_ratio[0::2], log_ratio[1::2], self.config.algorithm.beta)
+
+
+class KTOTrainer(PreferenceTrainer):
+    """KTO: every response with its label; each is followed by itself under another prompt (a fixed, seeded
+    pairing: its reference log-probs are cached), whose log-ratios give the batch's reference point z0."""
+
+    corpus_tag = "kto"
+
+    def prepare_corpus(self, corpus: pd.DataFrame) -> pd.DataFrame:
+        if corpus["uid"].nunique() < 2:
+            raise InputError(f"{self.config.data.train_files}: KTO's reference point needs at least two prompts")
+        rng = np.random.default_rng(self.config.trainer.seed)
+        uids = corpus["uid"].to_numpy()
+        partner = rng.permutation(len(corpus))
+        for i in np.flatnonzero(uids[partner] == uids):  # another prompt's row for each response
+            while uids[partner[i]] == uids[i]:
+                partner[i] = rng.integers(len(corpus))
+        mismatched = corpus.assign(prompt_ids=corpus["prompt_ids"].to_numpy()[partner])
+        units = pd.concat([corpus, mismatched]).sort_index(kind="stable")  # row i, then row i under another prompt
+        return units.reset_index(drop=True)
+
+    def preference_loss(self, log_ratio: torch.Tensor, td: TensorDict) -> tuple[torch.Tensor, dict]:
+        k = self.config.algorithm.kto
+        desirable = td["rewards"][0::2].sum(dim=1) > 0.5
+        z0 = algo.kto_reference_point(log_ratio[1::2])
+        return algo.kto_loss(
+            log_ratio[0::2], desirable, z0, self.config.algorithm.beta, k.desirable_weight, k.undesirable_weight
+        )
+
+
+TRAINERS: dict[str, type[Trainer]] = {
+    "dqo": DQOTrainer,
+    "dro": DROTrainer,
+    "sft": SFTTrainer,
+    "rs": RSTrainer,
+    "dpo": DPOTrainer,
+    "kto": KTOTrainer,
+}
 
 
 def make_trainer(config: DictConfig, corpus: pd.DataFrame | None = None) -> Trainer:

@@ -326,3 +326,61 @@ def test_dqo_targets_match_reference(granularity, lam):
         assert t.returns[i, :n].tolist() == pytest.approx(ref_returns(a_r, a_lr, a_v, BETA, lam), abs=1e-12)
         assert t.weights[i].item() == pytest.approx(w, rel=1e-12)
         assert torch.all(t.returns[i, n:] == 0)
+
+
+# ---------------------------------------------------------------- preference baselines, against loops over examples
+
+
+def test_dpo_loss_matches_a_loop_over_pairs():
+    g = torch.Generator().manual_seed(3)
+    chosen, rejected, beta = torch.randn(7, generator=g), torch.randn(7, generator=g), 0.1
+    loss, metrics = algo.dpo_loss(chosen, rejected, beta)
+    ref = sum(-math.log(1 / (1 + math.exp(-beta * (w - r)))) for w, r in zip(chosen.tolist(), rejected.tolist())) / 7
+    assert loss.item() == pytest.approx(ref, rel=1e-6)
+    assert metrics["accuracy"] == pytest.approx(sum(w > r for w, r in zip(chosen.tolist(), rejected.tolist())) / 7)
+
+
+def test_kto_loss_matches_a_loop_over_responses():
+    g = torch.Generator().manual_seed(4)
+    r, labels, beta, wd, wu = torch.randn(9, generator=g), torch.tensor([1, 0, 1, 1, 0, 0, 1, 0, 0]), 0.1, 1.0, 1.33
+    mismatched = torch.randn(9, generator=g) + 0.5
+    z0 = algo.kto_reference_point(mismatched)
+    assert z0.item() == pytest.approx(max(0.0, sum(mismatched.tolist()) / 9), rel=1e-6)
+    assert algo.kto_reference_point(torch.tensor([-1.0, -2.0])).item() == 0.0  # a KL estimate is never negative
+    loss, _ = algo.kto_loss(r, labels, z0, beta, wd, wu)
+
+    def sigmoid(x):
+        return 1 / (1 + math.exp(-x))
+
+    ref = 0.0
+    for ri, yi in zip(r.tolist(), labels.tolist()):
+        ref += wd * (1 - sigmoid(beta * (ri - z0.item()))) if yi else wu * (1 - sigmoid(beta * (z0.item() - ri)))
+    assert loss.item() == pytest.approx(ref / 9, rel=1e-6)
+
+
+@pytest.mark.parametrize("method", ["dpo", "kto"])
+def test_a_step_on_the_sequence_surrogate_is_a_step_on_the_loss(method):
+    """The driver turns a loss of whole-response log-probs into coefficients c_i; the workers' surrogate
+    sum_i c_i log pi(y_i) has the loss's gradient (a toy 'policy': per-token logits as parameters)."""
+    g = torch.Generator().manual_seed(5)
+    logits = torch.randn(6, 5, 11, generator=g, requires_grad=True)  # 6 responses, 5 tokens, vocab 11
+    tokens = torch.randint(0, 11, (6, 5), generator=g)
+    mask = torch.ones(6, 5)
+    mask[1, 3:] = 0
+    ref = torch.randn(6, generator=g)
+
+    def sequence_log_probs():
+        logp = torch.log_softmax(logits, -1).gather(-1, tokens[..., None])[..., 0]
+        return (logp * mask).sum(-1)
+
+    def loss_of(seq):
+        if method == "dpo":
+            return algo.dpo_loss(seq[0::2] - ref[0::2], seq[1::2] - ref[1::2], beta=0.1)[0]
+        z0 = algo.kto_reference_point(torch.tensor([0.2, 0.4]))
+        return algo.kto_loss(seq - ref, torch.tensor([1, 0, 1, 1, 0, 0]), z0, beta=0.1, undesirable_weight=1.5)[0]
+
+    (true_grad,) = torch.autograd.grad(loss_of(sequence_log_probs()), logits)
+    seq = sequence_log_probs().detach().requires_grad_(True)
+    c = algo.sequence_coefficients(loss_of(seq), seq)
+    (surrogate_grad,) = torch.autograd.grad((c * sequence_log_probs()).sum(), logits)
+    assert torch.allclose(surrogate_grad, true_grad, atol=1e-7) and true_grad.abs().sum() > 0

@@ -211,9 +211,9 @@ def bare_dqo_step(cfg, rows):
     }
 
 
-@pytest.mark.parametrize(
-    "granularity,lam,zero_head", [("token", 0.5, False), ("step", 1.0, False), ("token", 1.0, True)]
-)
+# lambda < 1 with step actions, and token actions with a zeroed head (the lambda-returns of each granularity are
+# checked against loops in test_algo)
+@pytest.mark.parametrize("granularity,lam,zero_head", [("step", 0.5, False), ("token", 1.0, True)])
 def test_worker_update_equals_bare_algo(e2e, tiny_models, tmp_path, capsys, granularity, lam, zero_head):
     """One update through the 2-rank FSDP groups computes what algo.py computes on plain transformers."""
     cfg = config(
@@ -231,5 +231,53 @@ def test_worker_update_equals_bare_algo(e2e, tiny_models, tmp_path, capsys, gran
     # the tiny value model's head is random: zeroed, V is exactly 0 on every state before the first update
     assert (got["value/values_mean"] == 0.0) == zero_head
     want = bare_dqo_step(cfg, rows)
+    for key, value in want.items():
+        assert got[key] == pytest.approx(value, rel=1e-4), key
+
+
+def bare_baseline_step(cfg, rows):
+    """The baseline method's loss on plain transformers in this process: its value and gradient norm."""
+    policy = AutoModelForCausalLM.from_pretrained(
+        cfg.policy.model.path, dtype=torch.float32, attn_implementation="eager"
+    )
+    b = build_batch(rows, BatchSpec(pad_token_id=0))
+    logits = policy(input_ids=b["input_ids"], attention_mask=b["attention_mask"], position_ids=b["position_ids"]).logits
+    log_probs = torch.log_softmax(logits[:, b["prompts"].shape[1] - 1 : -1], -1)
+    log_probs = log_probs.gather(-1, b["responses"].unsqueeze(-1)).squeeze(-1)
+    mask, a = b["response_mask"].bool(), cfg.algorithm
+    if a.name == "rs":  # mean NLL of the response tokens
+        loss = -torch.where(mask, log_probs, 0.0).sum() / mask.sum()
+    else:
+        r = torch.where(mask, log_probs - b["ref_logprobs"], 0.0).sum(dim=1)
+        if a.name == "dpo":
+            loss, _ = algo.dpo_loss(r[0::2], r[1::2], a.beta)
+        else:
+            z0 = algo.kto_reference_point(r[1::2])
+            good = b["rewards"][0::2].sum(dim=1) > 0.5
+            loss, _ = algo.kto_loss(r[0::2], good, z0, a.beta, a.kto.desirable_weight, a.kto.undesirable_weight)
+    loss.backward()
+    norm = torch.sqrt(sum((p.grad**2).sum() for p in policy.parameters() if p.grad is not None)).item()
+    return {"policy/loss": loss.item(), "policy/grad_norm": norm}
+
+
+@pytest.mark.parametrize("method", ["rs", "dpo", "kto"])
+def test_baseline_update_equals_its_loss_on_plain_transformers(e2e, tiny_models, tmp_path, method):
+    """One update of each baseline through a 1-rank FSDP group: DPO and KTO step on the driver's per-response
+    coefficients (the surrogate), which must carry the loss's own gradient."""
+    cfg = config(
+        tiny_models,
+        e2e["corpus"],
+        tmp_path / "run",
+        f"algorithm.name={method}",
+        "algorithm.beta=0.1",
+        "algorithm.kto.undesirable_weight=1.5",
+        "data.train_batch_size=16",
+        "trainer.n_gpus_per_node=1",
+    )
+    with make_trainer(cfg) as trainer:
+        rows = trainer.corpus.iloc[: 16 * trainer.unit_rows]
+        got = trainer.train_step(rows, 0)
+    want = bare_baseline_step(cfg, rows)
+    assert want["policy/grad_norm"] > 0
     for key, value in want.items():
         assert got[key] == pytest.approx(value, rel=1e-4), key

@@ -1,10 +1,21 @@
 """The trainer family: `algorithm.name` picks the method; each declares its models, columns and batches."""
 
+import pandas as pd
 import pytest
 
 from dqo_verl.cli import InputError, compose_config
+from dqo_verl.data import epoch_batches, preference_pairs
 from dqo_verl.driver import Trainer
-from dqo_verl.trainers import TRAINERS, DQOTrainer, DROTrainer, SFTTrainer, make_trainer
+from dqo_verl.trainers import (
+    TRAINERS,
+    DPOTrainer,
+    DQOTrainer,
+    DROTrainer,
+    KTOTrainer,
+    RSTrainer,
+    SFTTrainer,
+    make_trainer,
+)
 
 
 def cfg(tiny_models, corpus, *extra):
@@ -20,7 +31,8 @@ def cfg(tiny_models, corpus, *extra):
 
 
 def test_algorithm_name_picks_the_trainer_and_its_granularity(tiny_models, tiny_corpus):
-    assert set(TRAINERS) == {"dqo", "dro", "sft"} and all(issubclass(t, Trainer) for t in TRAINERS.values())
+    assert set(TRAINERS) == {"dqo", "dro", "sft", "rs", "dpo", "kto"}
+    assert all(issubclass(t, Trainer) for t in TRAINERS.values())
     dqo = make_trainer(cfg(tiny_models, tiny_corpus))
     assert type(dqo) is DQOTrainer and dqo.spec_granularity == "token"
     assert dqo.roles == {"policy": "language_model", "value": "value_model"} and dqo.uses_reference
@@ -58,3 +70,34 @@ def test_the_config_passed_in_is_left_as_it_was(tiny_models, tiny_corpus):
     trainer = make_trainer(config)
     assert trainer.sections["policy"].model.override_config.attn_implementation == "sdpa"
     assert str(config) == before and config.policy.model.override_config.attn_implementation is None
+
+
+def test_baseline_methods_train_on_rows_of_their_own(tiny_models, tiny_corpus):
+    corpus = pd.read_parquet(tiny_corpus)
+    rs = make_trainer(cfg(tiny_models, tiny_corpus, "algorithm.name=rs", "data.train_batch_size=32"))
+    assert type(rs) is RSTrainer and (rs.corpus["score"] == 1).all() and len(rs.corpus) == (corpus["score"] == 1).sum()
+    assert not rs.uses_reference and rs.steps_per_epoch == len(rs.corpus) // 32
+
+    # DPO: (chosen, rejected) rows of one prompt, the baselines stage's pairs; a batch is 16 whole pairs
+    dpo = make_trainer(cfg(tiny_models, tiny_corpus, "algorithm.name=dpo", "data.train_batch_size=16"))
+    pairs = preference_pairs(corpus, seed=0)
+    assert type(dpo) is DPOTrainer and dpo.uses_reference and len(dpo.corpus) == 2 * len(pairs) == 64
+    chosen, rejected = dpo.corpus.iloc[0::2], dpo.corpus.iloc[1::2]
+    assert (chosen["score"] == 1).all() and (rejected["score"] == 0).all()
+    assert chosen["uid"].tolist() == rejected["uid"].tolist()
+    assert dpo.steps_per_epoch == 2
+    for rows in epoch_batches(len(dpo.corpus), 16, seed=0, epoch=3, unit_rows=2):
+        assert len(rows) == 32 and (rows[0::2] % 2 == 0).all() and (rows[1::2] == rows[0::2] + 1).all()
+
+    # KTO: every response, then the same response under another prompt (for the reference point z0)
+    kto = make_trainer(cfg(tiny_models, tiny_corpus, "algorithm.name=kto", "data.train_batch_size=16"))
+    own, other = kto.corpus.iloc[0::2].reset_index(drop=True), kto.corpus.iloc[1::2].reset_index(drop=True)
+    assert type(kto) is KTOTrainer and len(kto.corpus) == 2 * len(corpus) and kto.steps_per_epoch == 4
+    assert own["response_ids"].map(list).tolist() == corpus["response_ids"].map(list).tolist()
+    assert own["response_ids"].map(list).tolist() == other["response_ids"].map(list).tolist()
+    prompt_of = {tuple(p): u for p, u in zip(corpus["prompt_ids"], corpus["uid"])}
+    assert all(prompt_of[tuple(p)] != u for p, u in zip(other["prompt_ids"], own["uid"]))
+    assert kto.corpus.equals(make_trainer(cfg(tiny_models, tiny_corpus, "algorithm.name=kto")).corpus)  # seeded
+
+    with pytest.raises(InputError, match=r"32 units of 2\), fewer than data.train_batch_size=64"):
+        make_trainer(cfg(tiny_models, tiny_corpus, "algorithm.name=dpo", "data.train_batch_size=64"))
