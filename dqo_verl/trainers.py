@@ -40,6 +40,7 @@ class DQOTrainer(Trainer):
     uses_reference = True
     default_granularity: ClassVar[str] = "token"
     granularities: ClassVar[tuple[str, ...]] = algo.GRANULARITIES
+    default_is_weights: ClassVar[bool] = True  # on both losses unless algorithm.is_policy / is_value say otherwise
 
     def __init__(self, config: DictConfig, corpus: pd.DataFrame | None = None):
         granularity = config.algorithm.granularity or self.default_granularity
@@ -49,6 +50,9 @@ class DQOTrainer(Trainer):
                 f"{config.algorithm.name}"
             )
         self.spec_granularity = granularity
+        a = config.algorithm
+        self.is_policy = self.default_is_weights if a.is_policy is None else bool(a.is_policy)
+        self.is_value = self.default_is_weights if a.is_value is None else bool(a.is_value)
         super().__init__(config, corpus)
 
     def loss_fn(self, role: str) -> Callable:
@@ -73,8 +77,12 @@ class DQOTrainer(Trainer):
         t = algo.dqo_targets(log_ratio, out["value"], td["rewards"], td["action_ends"], a.beta, a.lam, a.is_log_clip)
         ones = torch.ones_like(t.weights)
         fields = {
-            "value": {"returns": t.returns, "is_weights": t.weights if a.is_value else ones},
-            "policy": {"values": out["value"], "returns": t.returns, "is_weights": t.weights if a.is_policy else ones},
+            "value": {"returns": t.returns, "is_weights": t.weights if self.is_value else ones},
+            "policy": {
+                "values": out["value"],
+                "returns": t.returns,
+                "is_weights": t.weights if self.is_policy else ones,
+            },
         }
         metrics = self.train(fields, td, step, num_actions=int(t.mask.sum()))
         seq_log_ratio = log_ratio.sum(dim=1)
@@ -97,10 +105,12 @@ class DQOTrainer(Trainer):
 
 
 class DROTrainer(DQOTrainer):
-    """DRO: DQO with the whole response as one action (H = 1)."""
+    """DRO (Richemond et al., 2024): DQO with the whole response as one action (H = 1) and, unless asked,
+    no importance weights."""
 
     default_granularity = "sequence"
     granularities = ("sequence",)
+    default_is_weights = False
 
 
 class SFTTrainer(Trainer):

@@ -40,6 +40,11 @@ def test_algorithm_name_picks_the_trainer_and_its_granularity(tiny_models, tiny_
     assert step.spec_granularity == "step"
     dro = make_trainer(cfg(tiny_models, tiny_corpus, "algorithm.name=dro"))
     assert type(dro) is DROTrainer and dro.spec_granularity == "sequence"
+    assert (dqo.is_policy, dqo.is_value, dro.is_policy, dro.is_value) == (True, True, False, False)
+    asked = make_trainer(cfg(tiny_models, tiny_corpus, "algorithm.name=dro", "algorithm.is_value=true"))
+    assert (asked.is_policy, asked.is_value) == (False, True)
+    ablation = make_trainer(cfg(tiny_models, tiny_corpus, "algorithm.is_policy=false"))  # paper Table 6
+    assert (ablation.is_policy, ablation.is_value) == (False, True)
     rows = dro.corpus.iloc[:4]
     assert dro.make_batch(rows)["action_ends"].sum(dim=1).tolist() == [1, 1, 1, 1]  # one action per response
     assert dqo.make_batch(rows)["action_ends"].sum(dim=1).tolist() == rows["response_ids"].map(len).tolist()
