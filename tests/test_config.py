@@ -106,3 +106,46 @@ def test_paper_recipe_paths_are_overridable():
         assert cfg["value"]["model"]["path"] == "/models/mine"  # the value model follows the policy
         assert cfg["ref"]["path"] == "/models/mine" and cfg["evaluate"]["models"][0] == "/models/mine"
         assert cfg["trainer"]["experiment_name"] == name
+
+
+def test_baselines_take_the_papers_settings_per_model_family_and_the_command_line_wins():
+    dpo = compose_config("qwen2_gsm8k", ["algorithm.name=dpo"])
+    assert (dpo.algorithm.beta, dpo.policy.optim.lr, dpo.data.train_batch_size, dpo.trainer.total_epochs) == (
+        0.1,
+        1e-7,
+        64,
+        1,
+    )  # paper A.2
+    assert (
+        dpo.trainer.output_dir == "outputs/qwen2_gsm8k/run_dpo"
+        and dpo.evaluate.out_dir == "outputs/qwen2_gsm8k/eval_dpo"
+    )
+    assert dpo.evaluate.models[1] == "outputs/qwen2_gsm8k/run_dpo/export/policy"
+    lr = {
+        (recipe, method): compose_config(recipe, [f"algorithm.name={method}"]).policy.optim.lr
+        for recipe in ("qwen2_math", "qwen_numina", "gemma_gsm8k")
+        for method in ("sft", "rs", "kto")
+    }
+    assert lr == {
+        ("qwen2_math", "sft"): 2e-5,
+        ("qwen2_math", "rs"): 2e-5,
+        ("qwen2_math", "kto"): 1e-7,
+        ("qwen_numina", "sft"): 2e-5,
+        ("qwen_numina", "rs"): 2e-5,
+        ("qwen_numina", "kto"): 1e-7,
+        ("gemma_gsm8k", "sft"): 5e-6,
+        ("gemma_gsm8k", "rs"): 1e-6,
+        ("gemma_gsm8k", "kto"): 5e-8,
+    }
+    sft = compose_config("gemma_math", ["algorithm.name=sft"])
+    assert sft.data.train_files == "outputs/gemma_math/data/baselines/sft.parquet" and sft.trainer.total_epochs == 3
+    assert compose_config("qwen2_gsm8k", ["algorithm.name=dro"]).trainer.export_epoch == 1
+    mine = compose_config("qwen2_gsm8k", ["algorithm.name=dpo", "policy.optim.lr=3e-7", "data.train_batch_size=128"])
+    assert (mine.policy.optim.lr, mine.data.train_batch_size, mine.algorithm.beta) == (3e-7, 128, 0.1)
+    dqo = compose_config("qwen2_gsm8k")
+    assert (dqo.policy.optim.lr, dqo.data.train_batch_size, dqo.trainer.output_dir) == (
+        5e-7,
+        256,
+        "outputs/qwen2_gsm8k/run",
+    )
+    assert compose_config("tiny_cpu", ["algorithm.name=dpo"]).policy.optim.lr == 2e-5  # a recipe without methods
