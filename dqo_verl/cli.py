@@ -15,6 +15,7 @@ from pathlib import Path
 import hydra
 from hydra import compose, initialize_config_module
 from hydra.core.config_store import ConfigStore
+from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
@@ -64,6 +65,8 @@ def with_method_settings(config: DictConfig, overrides: list[str] = ()) -> DictC
 def compose_config(recipe: str, overrides: list[str] = ()) -> DictConfig:
     """The config that `python -m dqo_verl.main +recipe=RECIPE *overrides` runs with."""
     register_recipes()
+    if GlobalHydra.instance().is_initialized():  # inside a command (e.g. `compare` composing each run's config)
+        return with_method_settings(compose("dqo", overrides=[f"+recipe={recipe}", *overrides]), overrides)
     with initialize_config_module(config_module="dqo_verl.config", version_base=None):
         return with_method_settings(compose("dqo", overrides=[f"+recipe={recipe}", *overrides]), overrides)
 

@@ -133,6 +133,12 @@ def run(cfg: DictConfig) -> pd.DataFrame:
         records = [{"method": "base", "seed": None, **results_of(root / "base" / "summary.json")}]
         plan = [(label, list(o), seed) for label, o in c.methods.items() for seed in c.seeds]
         plan += [(label, list(o), c.seeds[0]) for label, o in (c.ablations or {}).items()]
+        if c.only:
+            known = [label for label, _, _ in plan]
+            unknown = [label for label in c.only if label not in known]
+            if unknown:
+                raise InputError(f"compare.only: no row {unknown[0]!r} (rows: {', '.join(dict.fromkeys(known))})")
+            plan = [run for run in plan if run[0] in c.only]
         for i, (label, overrides, seed) in enumerate(plan):
             folder = root / slug(label) / f"seed{seed}"
             print(f"[compare] run {i + 1}/{len(plan)}: {label}, seed {seed} ({time.time() - start:.0f}s so far)")
@@ -147,7 +153,7 @@ def run(cfg: DictConfig) -> pd.DataFrame:
     root.mkdir(parents=True, exist_ok=True)
     runs.to_csv(root / "runs.csv", index=False)
     out.to_csv(root / "table.csv")
-    ablations = ", ".join(c.ablations or {})
+    ablations = ", ".join(label for label in c.ablations or {} if label in runs["method"].values)
     note = f"\nOne seed for the ablation rows ({ablations}); the others over seeds {list(c.seeds)}.\n"
     (root / "table.md").write_text(out.to_markdown() + "\n" + (note if ablations else ""))
     plot_bars(runs, columns, root / "bars.png")
