@@ -9,6 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
+from verl.workers.utils.padding import left_right_2_no_padding
 
 from dqo_verl import algo
 from dqo_verl.checkpoints import epoch_checkpoints
@@ -235,6 +236,19 @@ def test_worker_update_equals_bare_algo(e2e, tiny_models, tmp_path, capsys, gran
         assert got[key] == pytest.approx(value, rel=1e-4), key
 
 
+def baseline_loss(cfg, b, log_probs: torch.Tensor) -> torch.Tensor:
+    """The baseline method's loss of a batch from its per-token log-probs [B, T]."""
+    mask, a = b["response_mask"].bool(), cfg.algorithm
+    if a.name == "rs":  # mean NLL of the response tokens
+        return -torch.where(mask, log_probs, 0.0).sum() / mask.sum()
+    r = torch.where(mask, log_probs - b["ref_logprobs"], 0.0).sum(dim=1)
+    if a.name == "dpo":
+        return algo.dpo_loss(r[0::2], r[1::2], a.beta)[0]
+    z0 = algo.kto_reference_point(r[1::2])
+    good = b["rewards"][0::2].sum(dim=1) > 0.5
+    return algo.kto_loss(r[0::2], good, z0, a.beta, a.kto.desirable_weight, a.kto.undesirable_weight)[0]
+
+
 def bare_baseline_step(cfg, rows):
     """The baseline method's loss on plain transformers in this process: its value and gradient norm."""
     policy = AutoModelForCausalLM.from_pretrained(
@@ -243,18 +257,7 @@ def bare_baseline_step(cfg, rows):
     b = build_batch(rows, BatchSpec(pad_token_id=0))
     logits = policy(input_ids=b["input_ids"], attention_mask=b["attention_mask"], position_ids=b["position_ids"]).logits
     log_probs = torch.log_softmax(logits[:, b["prompts"].shape[1] - 1 : -1], -1)
-    log_probs = log_probs.gather(-1, b["responses"].unsqueeze(-1)).squeeze(-1)
-    mask, a = b["response_mask"].bool(), cfg.algorithm
-    if a.name == "rs":  # mean NLL of the response tokens
-        loss = -torch.where(mask, log_probs, 0.0).sum() / mask.sum()
-    else:
-        r = torch.where(mask, log_probs - b["ref_logprobs"], 0.0).sum(dim=1)
-        if a.name == "dpo":
-            loss, _ = algo.dpo_loss(r[0::2], r[1::2], a.beta)
-        else:
-            z0 = algo.kto_reference_point(r[1::2])
-            good = b["rewards"][0::2].sum(dim=1) > 0.5
-            loss, _ = algo.kto_loss(r[0::2], good, z0, a.beta, a.kto.desirable_weight, a.kto.undesirable_weight)
+    loss = baseline_loss(cfg, b, log_probs.gather(-1, b["responses"].unsqueeze(-1)).squeeze(-1))
     loss.backward()
     norm = torch.sqrt(sum((p.grad**2).sum() for p in policy.parameters() if p.grad is not None)).item()
     return {"policy/loss": loss.item(), "policy/grad_norm": norm}
@@ -273,11 +276,16 @@ def test_baseline_update_equals_its_loss_on_plain_transformers(e2e, tiny_models,
         "algorithm.kto.undesirable_weight=1.5",
         "data.train_batch_size=16",
         "trainer.n_gpus_per_node=1",
+        "policy.optim.lr=1e-3",
     )
     with make_trainer(cfg) as trainer:
         rows = trainer.corpus.iloc[: 16 * trainer.unit_rows]
         got = trainer.train_step(rows, 0)
+        batch = trainer.make_batch(rows)
+        after = trainer.forward(left_right_2_no_padding(batch), ("policy",), 1)["policy"]
     want = bare_baseline_step(cfg, rows)
     assert want["policy/grad_norm"] > 0
     for key, value in want.items():
         assert got[key] == pytest.approx(value, rel=1e-4), key
+    # and the step went down that gradient, not up it (a norm cannot tell)
+    assert baseline_loss(cfg, batch, after).item() < got["policy/loss"]
