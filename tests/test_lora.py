@@ -108,12 +108,9 @@ def test_dqo_updates_with_lora_on_both_models_resume_and_export_merged(ray_sessi
                 *lora,
             ],
         )
-        trainer = make_trainer(cfg)
-        try:
+        with make_trainer(cfg) as trainer:  # started, and shut down whatever happens
             trainer.fit()
             return trainer.history
-        finally:
-            trainer.shutdown()
 
     first = run(1)
     resumed = run(2)  # continues from the step-1 checkpoint

@@ -41,12 +41,9 @@ def config(tiny_models, corpus, out, *extra):
 
 
 def train(cfg):
-    trainer = make_trainer(cfg)
-    try:
+    with make_trainer(cfg) as trainer:  # started, and shut down whatever happens
         trainer.fit()
         return trainer.history
-    finally:
-        trainer.shutdown()
 
 
 def private_copy(corpus, tmp_path):
