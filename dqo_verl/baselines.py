@@ -44,7 +44,8 @@ def rs_set(corpus: pd.DataFrame) -> pd.DataFrame:
 
 
 def dpo_pairs(corpus: pd.DataFrame, seed: int) -> pd.DataFrame:
-    """Random (correct, incorrect) pairs within a prompt: min(all pairs, len(corpus) // 2) of them."""
+    """Random (correct, incorrect) pairs within a prompt (`data.preference_pairs`: at least half the corpus where
+    the prompts allow, every response of a prompt with both labels in one)."""
     picked = [(corpus.at[g, "uid"], g, b) for g, b in preference_pairs(corpus, seed)]
     return pd.DataFrame(
         [

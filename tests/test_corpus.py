@@ -12,6 +12,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from dqo_verl import baselines
 from dqo_verl.corpus import generate_samples
+from dqo_verl.data import preference_pairs
 from dqo_verl.prompts import add_prompt_ids, build_synthetic_prompts
 from dqo_verl.rollout import RolloutGroup, sample_seed
 
@@ -176,6 +177,23 @@ def test_baseline_sets_follow_their_rules(tmp_path, tiny_models):
     many = baselines.dpo_pairs(big, seed=0)
     assert len(many) == len(big) // 2 == 30 and not many.duplicated(["uid", "chosen", "rejected"]).any()
     assert many.equals(baselines.dpo_pairs(big, seed=0)) and not many.equals(baselines.dpo_pairs(big, seed=1))
+    # at least half the corpus (paper Table 8), and every response of a prompt with both labels in a pair
+    for scores in (
+        [1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+        [1, 1, 0, 0, 1, 1, 1, 1],
+        [1, 0, 0, 0, 0, 0, 1, 1, 1, 0, 0, 0],
+    ):
+        uids = [0] * 8 + [1] * (len(scores) - 8)  # prompt 0: the first 8 responses
+        df = pd.DataFrame({"uid": uids, "score": [float(x) for x in scores]})
+        rows = preference_pairs(df, seed=3)
+        candidates = [
+            (g, b) for g in df.index for b in df.index if uids[g] == uids[b] and scores[g] == 1 and scores[b] == 0
+        ]
+        assert len(set(rows)) == len(rows) and set(rows) <= set(candidates)
+        assert len(rows) >= min(len(candidates), len(df) // 2)
+        mixed = {u for u in set(uids) if len({scores[i] for i in df.index if uids[i] == u}) == 2}
+        assert {i for pair in rows for i in pair} == {i for i in df.index if uids[i] in mixed}
+    assert len(preference_pairs(pd.DataFrame({"uid": [0] * 8, "score": [1.0] + [0.0] * 7}), seed=0)) == 7 > 8 // 2
     tok = AutoTokenizer.from_pretrained(tiny_models[0])
     prompts = add_prompt_ids(build_synthetic_prompts(3, seed=0), tok)
     sft = baselines.sft_set(prompts, tok)

@@ -75,6 +75,7 @@ def overrides(root: Path, files: dict[str, Path]) -> list[str]:
         "rollout.dtype=float32",
         "rollout.enforce_eager=true",
         "rollout.engines_per_node=1",
+        "rollout.backend=hf",
         "rollout.kv_cache_memory_bytes=67108864",
         "rollout.max_num_seqs=32",
         "trainer.n_gpus_per_node=1",

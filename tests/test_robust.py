@@ -10,7 +10,8 @@ import torch
 from transformers import AutoConfig, AutoModelForTokenClassification
 
 from dqo_verl.cli import RunError, compose_config
-from dqo_verl.trainers import DQOTrainer
+from dqo_verl.data import CorpusError
+from dqo_verl.trainers import DQOTrainer, make_trainer
 
 
 def run_main(tmp_path, tiny_models, corpus):
@@ -44,18 +45,22 @@ def test_bad_corpus_fails_before_ray_with_file_row_and_field(tmp_path, tiny_mode
     assert not (tmp_path / "o" / "checkpoints").exists()  # (Hydra's own config snapshot is there)
 
 
-@pytest.mark.slow
-def test_a_token_id_beyond_the_vocabulary_fails_before_ray(tmp_path, tiny_models):
+def test_a_token_id_beyond_the_vocabulary_fails_before_any_worker(tmp_path, tiny_models):
+    """Checked against the models' own vocabulary when the trainer is made (workers start later, in `start`)."""
     vocab = AutoConfig.from_pretrained(tiny_models[0]).vocab_size
     corpus = tmp_path / "oov.parquet"
     pd.DataFrame(
         {"prompt_ids": [[1, 2], [3, 4]], "response_ids": [[4, 5], [5, vocab]], "score": [1.0, 0.0]}
     ).to_parquet(corpus)
-    out = run_main(tmp_path, tiny_models, corpus)
-    assert out.returncode == 1
-    last = out.stderr.strip().splitlines()[-1]
-    assert last == f"error: {corpus}, row 1, field 'response_ids': token id {vocab} outside the vocabulary [0, {vocab})"
-    assert "Started a local Ray" not in out.stdout + out.stderr
+    cfg = compose_config(
+        "tiny_cpu",
+        [f"data.train_files={corpus}", f"policy.model.path={tiny_models[0]}", f"value.model.path={tiny_models[1]}"],
+    )
+    with pytest.raises(CorpusError) as err:
+        make_trainer(cfg)
+    assert (
+        str(err.value) == f"{corpus}, row 1, field 'response_ids': token id {vocab} outside the vocabulary [0, {vocab})"
+    )
 
 
 @pytest.mark.slow
