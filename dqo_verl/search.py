@@ -1,0 +1,105 @@
+"""Answer selection and search with a value model (docs/design.md, "Using V"): pure bookkeeping, no models.
+
+- `majority_vote`: self-consistency, the most frequent extracted answer among N samples;
+- `best_by_value`: the sample whose final state V scores highest (best-of-N);
+- `ValueBeam`: step-level beam search for one problem. Each round, every open beam (a response prefix ending
+  at a step boundary) is continued K times to its next blank line or its end; the B highest-scoring of the new
+  prefixes and the beams already finished are kept; it ends when every kept beam is finished or after
+  `max_rounds`. The caller generates and scores (V of the new prefix, or Q of the step), many problems at once
+  (`run_beams`).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+Ids = tuple[int, ...]
+
+
+def majority_vote(answers: Sequence[str | None]) -> int:
+    """Index of the first sample with the most frequent answer (None = no answer, never chosen unless all are);
+    a tie goes to the answer that appeared first."""
+    counts = Counter(a for a in answers if a is not None)
+    if not counts:
+        return 0
+    top = max(counts.values())
+    return next(i for i, a in enumerate(answers) if a is not None and counts[a] == top)
+
+
+def best_by_value(values: Sequence[float]) -> int:
+    """Index of the highest value (the first of equal ones)."""
+    return max(range(len(values)), key=lambda i: (values[i], -i))
+
+
+@dataclass
+class Beam:
+    ids: Ids
+    done: bool
+    score: float
+
+
+@dataclass
+class ValueBeam:
+    """One problem's step-level beam search (B = `beams` kept, K = `k` continuations of each per round)."""
+
+    beams: int
+    k: int
+    max_rounds: int
+    kept: list[Beam] = field(default_factory=lambda: [Beam((), False, 0.0)])
+    rounds: int = 0
+    tokens: int = 0  # generated tokens, pruned continuations included
+
+    @property
+    def finished(self) -> bool:
+        return self.rounds >= self.max_rounds or all(b.done for b in self.kept)
+
+    def requests(self) -> list[Ids]:
+        """The prefixes to continue this round (each K times)."""
+        return [] if self.finished else [b.ids for b in self.kept if not b.done]
+
+    def advance(self, continuations: Sequence[Sequence[tuple[Ids, bool]]], scores: Sequence[Sequence[float]]) -> None:
+        """Record round results: for each requested prefix, K (new tokens, ends the response) and their scores."""
+        open_beams = [b for b in self.kept if not b.done]
+        if len(continuations) != len(open_beams) or len(scores) != len(open_beams):
+            raise ValueError(f"{len(continuations)} continuations for {len(open_beams)} open beams")
+        candidates = {b.ids: b for b in self.kept if b.done}
+        for beam, conts, values in zip(open_beams, continuations, scores):
+            for (new, done), value in zip(conts, values, strict=True):
+                self.tokens += len(new)
+                ids = beam.ids + tuple(new)
+                if ids not in candidates or value > candidates[ids].score:  # a repeated sample counts once
+                    candidates[ids] = Beam(ids, done, float(value))
+        ranked = sorted(candidates.values(), key=lambda b: -b.score)  # stable: earlier candidates win ties
+        self.kept = ranked[: self.beams]
+        self.rounds += 1
+
+    @property
+    def best(self) -> Beam:
+        """The highest-scoring finished beam (an unfinished one only when none finished)."""
+        return max(self.kept, key=lambda b: (b.done, b.score))
+
+
+def run_beams(
+    searches: list[ValueBeam],
+    expand: Callable[[list[Ids], int], list[list[tuple[Ids, bool]]]],
+    score: Callable[[list[Ids], list[list[tuple[Ids, bool]]]], list[list[float]]],
+) -> list[Beam]:
+    """Run many searches together: each round, one `expand(prefixes, k)` and one `score` call for all of them.
+
+    `expand(prefixes, k)` gives K continuations of each prefix; `score(prefixes, continuations)` their scores."""
+    while not all(s.finished for s in searches):
+        active = [s for s in searches if not s.finished]
+        k = active[0].k
+        if any(s.k != k for s in active):
+            raise ValueError("run_beams: every search needs the same k")
+        prefixes = [p for s in active for p in s.requests()]
+        conts = expand(prefixes, k)
+        values = score(prefixes, conts)
+        i = 0
+        for s in active:
+            n = len(s.requests())
+            s.advance(conts[i : i + n], values[i : i + n])
+            i += n
+    return [s.best for s in searches]
