@@ -1,11 +1,12 @@
 """Hydra config: base + recipe composition, command-line overrides, `--cfg job`."""
 
-import subprocess
 import sys
 
 import yaml
+from hydra.core.global_hydra import GlobalHydra
 from omegaconf import OmegaConf
 
+from dqo_verl import main
 from dqo_verl.cli import RECIPES_DIR, compose_config, register_recipes
 from dqo_verl.pipeline import make_plan
 
@@ -28,14 +29,15 @@ def test_tiny_recipe_composes_over_base_with_overrides():
     assert "hf_model" in cfg.checkpoint.save_contents
 
 
-def test_cfg_job_prints_the_composed_config():
-    out = subprocess.run(
-        [sys.executable, "-m", "dqo_verl.main", "+recipe=tiny_cpu", "algorithm.granularity=sequence", "--cfg", "job"],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
-    cfg = yaml.safe_load(out)
+def test_cfg_job_prints_the_composed_config(monkeypatch, capsys):
+    """`python -m dqo_verl.main +recipe=tiny_cpu key=value --cfg job`, run in this process."""
+    argv = ["dqo_verl.main", "+recipe=tiny_cpu", "algorithm.granularity=sequence", "--cfg", "job"]
+    monkeypatch.setattr(sys, "argv", argv)
+    try:
+        main.main()
+    finally:
+        GlobalHydra.instance().clear()
+    cfg = yaml.safe_load(capsys.readouterr().out)
     assert cfg["algorithm"]["granularity"] == "sequence"
     assert cfg["policy"]["optim"]["lr"] == 2e-5 and cfg["value"]["optim"]["lr"] == 3e-4
 
