@@ -36,6 +36,9 @@ from dqo_verl.prompts import (
     synthetic_difficulty,
 )
 from dqo_verl.rollout import RolloutGroup, sample_seed
+from dqo_verl.search import best_by_value, majority_vote
+from dqo_verl.values import ValueGroup, final_value
+from dqo_verl.verifier import auroc
 from dqo_verl.workers import engines_per_node, init_ray
 
 GREEDY = {"temperature": 0.0, "top_p": 1.0, "top_k": 0, "min_p": 0.0}
@@ -75,10 +78,14 @@ def summarize(samples: pd.DataFrame, pass_k: list[int]) -> dict:
             for k in pass_k:
                 if k <= per_problem["size"].min():
                     res[f"pass@{k}"] = float(np.mean([pass_at_k(int(n), int(c), k) for n, c in per_problem.values]))
+            if "value" in g and g["value"].notna().all() and g["score"].nunique() == 2:
+                res["value_auroc"] = auroc(g["value"].to_numpy(), g["score"].to_numpy() == 1)
         else:
             per_seed = g.groupby("seed")["score"].mean().tolist()
             mean, std = seed_mean_std(per_seed)
             res = {"accuracy": mean, "std": std, "seeds": len(per_seed), "n": int(g["uid"].nunique())}
+        if "tokens" in g and g["tokens"].notna().all():
+            res["tokens_per_problem"] = float(g.groupby("uid")["tokens"].first().mean())
         out.setdefault(model, {})[col] = res
     return out
 
@@ -87,8 +94,12 @@ def cell(res: dict) -> str:
     text = f"{100 * res['accuracy']:.1f}"
     if "std" in res:
         text += f" ± {100 * res['std']:.1f}"
-    passes = [f"{k}={100 * v:.1f}" for k, v in res.items() if k.startswith("pass@")]
-    return text + (f" ({', '.join(passes)})" if passes else "")
+    notes = [f"{k}={100 * v:.1f}" for k, v in res.items() if k.startswith("pass@")]
+    if "value_auroc" in res:
+        notes.append(f"V AUROC={res['value_auroc']:.2f}")
+    if "tokens_per_problem" in res:
+        notes.append(f"{res['tokens_per_problem']:.0f} tokens/problem")
+    return text + (f" ({', '.join(notes)})" if notes else "")
 
 
 def table(summary: dict) -> pd.DataFrame:
@@ -170,7 +181,14 @@ def sample_and_grade(
         desc=desc,
     )
     return [
-        {"uid": u, "sample": j, "response": o["response"], "finish_reason": o["finish_reason"], **g}
+        {
+            "uid": u,
+            "sample": j,
+            "response": o["response"],
+            "response_ids": list(o["response_ids"]),
+            "finish_reason": o["finish_reason"],
+            **g,
+        }
         for (u, j), o, g in zip(requests, outs, graded)
     ]
 
@@ -181,8 +199,32 @@ def greedy_accuracy(group: RolloutGroup, prompts: pd.DataFrame, max_tokens: int,
     return float(np.mean([r["score"] for r in results]))
 
 
-def evaluate_model(group: RolloutGroup, name: str, path: str, datasets: dict, cfg: DictConfig) -> list[dict]:
-    """Per-sample results of the group's model on every dataset and decoding."""
+def value_guided(results: list[dict], prompts: pd.DataFrame, values: ValueGroup, eos_token_id: int) -> list[dict]:
+    """N samples per problem -> the samples with their final value (decoding `sample xN`), and per problem the
+    sample with the highest value (`best-of-N (V)`) and the one majority voting picks (`majority@N`); every row
+    carries the tokens its problem's N samples cost."""
+    n = max(r["sample"] for r in results) + 1
+    state_values = values.state_values(
+        [prompts.iloc[r["uid"]]["prompt_ids"] for r in results], [r["response_ids"] for r in results]
+    )
+    for r, v in zip(results, state_values):
+        r["value"] = final_value(v, r["response_ids"], eos_token_id)
+    rows = []
+    for uid in range(len(prompts)):
+        group = [r for r in results if r["uid"] == uid]
+        tokens = sum(len(r["response_ids"]) for r in group)
+        rows += [{**r, "decoding": f"sample x{n}", "tokens": tokens} for r in group]
+        best = group[best_by_value([r["value"] for r in group])]
+        voted = group[majority_vote([r["pred"] for r in group])]
+        rows += [{**best, "decoding": f"best-of-{n} (V)", "tokens": tokens}]
+        rows += [{**voted, "decoding": f"majority@{n}", "tokens": tokens}]
+    return rows
+
+
+def evaluate_model(
+    group: RolloutGroup, name: str, path: str, datasets: dict, cfg: DictConfig, values: ValueGroup | None = None
+) -> list[dict]:
+    """Per-sample results of the group's model on every dataset and decoding (value-guided ones with `values`)."""
     e = cfg.evaluate
     rows = []
     for dataset, prompts in datasets.items():
@@ -192,6 +234,8 @@ def evaluate_model(group: RolloutGroup, name: str, path: str, datasets: dict, cf
         sampling = {k: e.sampling[k] for k in ("temperature", "top_p", "top_k", "min_p")}
         seeds = [e.sampling.seeds[0]] if per_problem > 1 else list(e.sampling.seeds)
         runs += [("sample", s, per_problem, sampling) for s in seeds]
+        if values is not None and dataset in (e.value.sets or e.sets):
+            runs += [("value", e.sampling.seeds[0] if e.sampling.seeds else 0, e.value.n, sampling)]
         for decoding, seed, n, params in runs:
             results = sample_and_grade(
                 group,
@@ -202,6 +246,8 @@ def evaluate_model(group: RolloutGroup, name: str, path: str, datasets: dict, cf
                 cfg.score.workers,
                 desc=f"grading {dataset}",
             )
+            if decoding == "value":
+                results = value_guided(results, prompts, values, hf_tokenizer(path).eos_token_id)
             rows += [
                 {
                     "model": name,
@@ -269,6 +315,8 @@ def run(cfg: DictConfig) -> dict:
     datasets = {d: eval_prompts(d, e.datasets[d], cfg.trainer.seed, Path(cfg.paths.data)) for d in e.sets}
     init_ray(cfg)
     group = RolloutGroup(engine_config(cfg, budget), models[0], cfg.trainer.nnodes, engines_per_node(cfg))
+    v = e.value
+    values = ValueGroup(str(v.model), cfg.trainer.nnodes, v.workers_per_node, v.batch_size) if v.model else None
     rows = []
     try:
         for i, (model, name) in enumerate(zip(models, names)):
@@ -276,10 +324,12 @@ def run(cfg: DictConfig) -> dict:
                 group.load(model)
             tokenized = {d: add_prompt_ids(p, hf_tokenizer(model)) for d, p in datasets.items()}
             check_prompt_lengths(tokenized, cfg.data.max_prompt_length)
-            rows += evaluate_model(group, name, model, tokenized, cfg)
+            rows += evaluate_model(group, name, model, tokenized, cfg, values)
     finally:
         group.shutdown()
-    samples = pd.DataFrame(rows)
+        if values is not None:
+            values.shutdown()
+    samples = pd.DataFrame(rows).drop(columns="response_ids")
     out = out_dir(cfg)
     out.mkdir(parents=True, exist_ok=True)
     write_parquet_atomic(samples, out / "samples.parquet")

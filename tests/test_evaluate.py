@@ -159,19 +159,40 @@ def test_evaluate_tiny_models_on_local_files(ray_session, tiny_models, trained_t
             "evaluate.pass_k=[1,2]",
             f"rollout.backend={backend}",
             "evaluate.max_tokens=64",
+            f"evaluate.value.model={tiny_models[1]}",
+            "evaluate.value.n=4",
+            "evaluate.value.sets=[synthetic,aime24]",
         ],
     )
     summary = run(cfg)
     printed = capsys.readouterr().out
     samples = pd.read_parquet(tmp_path / "eval" / "samples.parquet")
     n_aime = len(pd.read_parquet(aime_file(tmp_path)))
-    per_model = 12 * (1 + 3) + 8 * (1 + 3) + n_aime * (1 + 4)
+    # greedy, 3 seeds (4 samples on aime24), and (not on gsm8k) 4 value-guided samples and the 2 answers chosen
+    per_model = 12 * (1 + 3) + 8 * (1 + 3) + n_aime * (1 + 4) + (12 + n_aime) * (4 + 2)
     assert len(samples) == 2 * per_model
     assert set(samples["score"]) <= {0.0, 1.0}
     assert set(summary) == {"random", "trained"}
-    assert set(summary["trained"]) == {
-        f"{d} {m}" for d in ("synthetic", "gsm8k", "aime24") for m in ("greedy", "sample")
-    }
+    decodings = ("greedy", "sample", "sample x4", "best-of-4 (V)", "majority@4")
+    assert set(summary["trained"]) == {f"{d} {m}" for d in ("synthetic", "aime24") for m in decodings} | {
+        "gsm8k greedy",
+        "gsm8k sample",
+    }  # evaluate.value.sets: not on gsm8k
+    # best-of-N takes the sample of highest final value, majority the most frequent answer, of the same 4
+    guided = samples[samples["decoding"].isin(["sample x4", "best-of-4 (V)", "majority@4"])]
+    for _, g in guided.groupby(["model", "dataset", "uid"]):
+        pool = g[g["decoding"] == "sample x4"]
+        best, voted = g[g["decoding"] == "best-of-4 (V)"].iloc[0], g[g["decoding"] == "majority@4"].iloc[0]
+        assert len(pool) == 4 and best["value"] == pool["value"].max()
+        counts = pool["pred"].value_counts()
+        assert voted["sample"] == 0 if counts.empty else counts[voted["pred"]] == counts.max()  # no answers: the first
+        assert g["tokens"].nunique() == 1 and g["tokens"].iloc[0] >= pool["response"].str.len().sum() > 0
+    synthetic = summary["trained"]["synthetic sample x4"]
+    right = samples[
+        (samples["model"] == "trained") & (samples["dataset"] == "synthetic") & (samples["decoding"] == "sample x4")
+    ]
+    assert ("value_auroc" in synthetic) == (right["score"].nunique() == 2) and "pass@2" in synthetic
+    assert summary["trained"]["synthetic best-of-4 (V)"]["tokens_per_problem"] == synthetic["tokens_per_problem"] > 0
     assert summary["trained"]["synthetic sample"]["seeds"] == 3
     assert "pass@2" in summary["trained"]["aime24 sample"]
     assert summary["random"]["synthetic greedy"]["accuracy"] == 0.0  # a random model never writes '#### n'
