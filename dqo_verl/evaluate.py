@@ -36,7 +36,7 @@ from dqo_verl.prompts import (
     synthetic_difficulty,
 )
 from dqo_verl.rollout import RolloutGroup, sample_seed
-from dqo_verl.search import best_by_value, majority_vote
+from dqo_verl.search import ValueBeam, best_by_value, majority_vote, run_beams
 from dqo_verl.values import ValueGroup, final_value
 from dqo_verl.verifier import auroc
 from dqo_verl.workers import engines_per_node, init_ray
@@ -221,6 +221,75 @@ def value_guided(results: list[dict], prompts: pd.DataFrame, values: ValueGroup,
     return rows
 
 
+def beam_and_grade(
+    group: RolloutGroup,
+    values: ValueGroup,
+    prompts: pd.DataFrame,
+    seed: int,
+    params: dict,
+    tokenizer,
+    beam: DictConfig,
+    workers: int | None = None,
+) -> list[dict]:
+    """Step-level beam search by V for every prompt (`search.ValueBeam`; steps end at blank lines), graded: one
+    dict per prompt with the best finished beam, its final value and the tokens the search generated."""
+    max_tokens, eos = params["max_tokens"], tokenizer.eos_token_id
+    searches = [ValueBeam(beam.beams, beam.k, beam.max_rounds) for _ in range(len(prompts))]
+    prompt_ids = [list(p) for p in prompts["prompt_ids"]]
+    rounds = [0]
+
+    def expand(requests, k):
+        reqs = [(i, prefix, j) for i, prefix in requests for j in range(k)]
+        outs = group.generate(
+            [prompt_ids[i] + list(prefix) for i, prefix, _ in reqs],
+            [sample_seed(seed, i, rounds[0], n, j) for n, (i, _, j) in enumerate(reqs)],
+            {**params, "stop": ["\n\n"]},
+            max_tokens=[max_tokens - len(prefix) for _, prefix, _ in reqs],
+        )
+        rounds[0] += 1
+        conts = [
+            (
+                tuple(o["response_ids"]),
+                o["finish_reason"] != "step" or len(prefix) + len(o["response_ids"]) >= max_tokens,
+            )
+            for (_, prefix, _), o in zip(reqs, outs)
+        ]
+        return [conts[n * k : (n + 1) * k] for n in range(len(requests))]
+
+    def score(requests, continuations):
+        flat = [
+            (i, list(prefix) + list(new)) for (i, prefix), conts in zip(requests, continuations) for new, _ in conts
+        ]
+        state = values.state_values([prompt_ids[i] for i, _ in flat], [ids for _, ids in flat])
+        scores = [final_value(v, ids, eos) for v, (_, ids) in zip(state, flat)]
+        k = len(continuations[0]) if continuations else 0
+        return [scores[n * k : (n + 1) * k] for n in range(len(requests))]
+
+    best = run_beams(searches, expand, score)
+    texts = [tokenizer.decode(list(b.ids), skip_special_tokens=True) for b in best]
+    graded = grade_many(
+        [
+            (text, prompts.iloc[u]["reward_model"]["ground_truth"], answer_format(prompts.iloc[u]["data_source"]))
+            for u, text in enumerate(texts)
+        ],
+        workers,
+        desc="grading beams",
+    )
+    return [
+        {
+            "uid": u,
+            "sample": 0,
+            "response": text,
+            "response_ids": list(b.ids),
+            "finish_reason": "stop" if b.ids and b.ids[-1] == eos else "length",
+            "value": b.score,
+            "tokens": s.tokens,
+            **g,
+        }
+        for u, (b, s, text, g) in enumerate(zip(best, searches, texts, graded))
+    ]
+
+
 def evaluate_model(
     group: RolloutGroup, name: str, path: str, datasets: dict, cfg: DictConfig, values: ValueGroup | None = None
 ) -> list[dict]:
@@ -234,18 +303,21 @@ def evaluate_model(
         sampling = {k: e.sampling[k] for k in ("temperature", "top_p", "top_k", "min_p")}
         seeds = [e.sampling.seeds[0]] if per_problem > 1 else list(e.sampling.seeds)
         runs += [("sample", s, per_problem, sampling) for s in seeds]
-        if values is not None and dataset in (e.value.sets or e.sets):
-            runs += [("value", e.sampling.seeds[0] if e.sampling.seeds else 0, e.value.n, sampling)]
+        guided = values is not None and dataset in (e.value.sets or e.sets)
+        first_seed = e.sampling.seeds[0] if e.sampling.seeds else 0
+        if guided:
+            runs += [("value", first_seed, e.value.n, sampling)]
+        if guided and e.value.beam:
+            b = e.value.beam
+            runs += [(f"value beam {b.beams}x{b.k}", first_seed, 1, sampling)]
         for decoding, seed, n, params in runs:
-            results = sample_and_grade(
-                group,
-                prompts,
-                n,
-                seed,
-                {**params, "max_tokens": spec.get("max_tokens") or e.max_tokens},
-                cfg.score.workers,
-                desc=f"grading {dataset}",
-            )
+            params = {**params, "max_tokens": spec.get("max_tokens") or e.max_tokens}
+            if decoding.startswith("value beam"):
+                results = beam_and_grade(
+                    group, values, prompts, seed, params, hf_tokenizer(path), e.value.beam, cfg.score.workers
+                )
+            else:
+                results = sample_and_grade(group, prompts, n, seed, params, cfg.score.workers, f"grading {dataset}")
             if decoding == "value":
                 results = value_guided(results, prompts, values, hf_tokenizer(path).eos_token_id)
             rows += [

@@ -69,8 +69,9 @@ class Engine(Protocol):
     def generate(
         self, prompts: list[list[int]], seeds: list[int], params: dict, max_tokens: list[int] | None = None
     ) -> dict[str, list]:
-        """{'response_ids', 'response', 'finish_reason' ('stop' | 'length'), 'logprobs' (raw, per token)};
-        `max_tokens`: a per-request limit below params['max_tokens']."""
+        """{'response_ids', 'response', 'finish_reason' ('stop' | 'length' | 'step'), 'logprobs' (raw, per token)};
+        `max_tokens`: a per-request limit below params['max_tokens']; params['stop'] (optional): strings at which
+        a sample pauses, included in it (finish_reason 'step')."""
         ...
 
 
@@ -119,6 +120,8 @@ class VLLMEngine:
                 max_tokens=limit,
                 seed=None if greedy else seed,
                 logprobs=0,
+                stop=p.get("stop"),
+                include_stop_str_in_output=True,
             )
             for seed, limit in zip(seeds, request_limits(p, max_tokens, len(seeds)))
         ]
@@ -131,7 +134,8 @@ class VLLMEngine:
             ids = list(c.token_ids)
             result["response_ids"].append(ids)
             result["response"].append(c.text)
-            result["finish_reason"].append("length" if c.finish_reason == "length" else "stop")
+            step = isinstance(c.stop_reason, str)  # a stop string, not eos
+            result["finish_reason"].append("length" if c.finish_reason == "length" else "step" if step else "stop")
             result["logprobs"].append([float(step[tok].logprob) for step, tok in zip(c.logprobs or [], ids)])
         return result
 
@@ -172,6 +176,8 @@ class HFEngine:
                 )
             )
             copies = 1 if greedy else j - i  # greedy decoding is deterministic: one answer serves every copy
+            if p.get("stop"):
+                kwargs.update(stop_strings=list(p["stop"]), tokenizer=tok)
             with torch.no_grad():
                 gen = self.model.generate(
                     input_ids=input_ids,
@@ -189,13 +195,25 @@ class HFEngine:
             for row in range(j - i):
                 seq = sequences[row % copies]
                 stop = seq.index(eos) + 1 if eos in seq else None
-                ids = seq[:stop] if stop else seq
+                pause = first_stop_string(tok, seq[: stop or len(seq)], p.get("stop"))
+                ids = seq[: pause or stop or len(seq)]
                 result["response_ids"].append(ids)
                 result["response"].append(tok.decode(ids, skip_special_tokens=True))
-                result["finish_reason"].append("stop" if stop else "length")
+                result["finish_reason"].append("step" if pause else "stop" if stop else "length")
                 result["logprobs"].append([float(scores[row % copies, t, x]) for t, x in enumerate(ids)])
             i = j
         return result
+
+
+def first_stop_string(tokenizer, ids: list[int], stop: list[str] | None) -> int | None:
+    """The length of the shortest prefix of `ids` whose text contains one of `stop`; None when none does."""
+    if not stop:
+        return None
+    for t in range(1, len(ids) + 1):
+        text = tokenizer.decode(ids[:t], skip_special_tokens=True)
+        if any(s in text for s in stop):
+            return t
+    return None
 
 
 ENGINES: dict[str, type[Engine]] = {"vllm": VLLMEngine, "hf": HFEngine}

@@ -83,23 +83,22 @@ class ValueBeam:
 
 def run_beams(
     searches: list[ValueBeam],
-    expand: Callable[[list[Ids], int], list[list[tuple[Ids, bool]]]],
-    score: Callable[[list[Ids], list[list[tuple[Ids, bool]]]], list[list[float]]],
+    expand: Callable[[list[tuple[int, Ids]], int], list[list[tuple[Ids, bool]]]],
+    score: Callable[[list[tuple[int, Ids]], list[list[tuple[Ids, bool]]]], list[list[float]]],
 ) -> list[Beam]:
-    """Run many searches together: each round, one `expand(prefixes, k)` and one `score` call for all of them.
+    """Run many searches together: each round, one `expand` and one `score` call for all of them.
 
-    `expand(prefixes, k)` gives K continuations of each prefix; `score(prefixes, continuations)` their scores."""
+    Requests are (index of the search, prefix): `expand(requests, k)` gives K continuations of each prefix,
+    `score(requests, continuations)` their scores."""
     while not all(s.finished for s in searches):
-        active = [s for s in searches if not s.finished]
-        k = active[0].k
-        if any(s.k != k for s in active):
+        active = [i for i, s in enumerate(searches) if not s.finished]
+        k = searches[active[0]].k
+        if any(searches[i].k != k for i in active):
             raise ValueError("run_beams: every search needs the same k")
-        prefixes = [p for s in active for p in s.requests()]
-        conts = expand(prefixes, k)
-        values = score(prefixes, conts)
-        i = 0
-        for s in active:
-            n = len(s.requests())
-            s.advance(conts[i : i + n], values[i : i + n])
-            i += n
+        requests = [(i, p) for i in active for p in searches[i].requests()]
+        conts = expand(requests, k)
+        values = score(requests, conts)
+        for i in active:
+            mine = [n for n, (j, _) in enumerate(requests) if j == i]
+            searches[i].advance([conts[n] for n in mine], [values[n] for n in mine])
     return [s.best for s in searches]

@@ -58,6 +58,7 @@ def test_rollout_group_samples(ray_session, trained_tiny_policy, backend):
         again = group.generate(ids, seeds, PARAMS)
         short = group.generate(ids[:4], seeds[:4], {**PARAMS, "max_tokens": 5})
         limited = group.generate(ids[:4], seeds[:4], PARAMS, max_tokens=[3, 1, 200, 0])  # per request, <= 96
+        stepped = group.generate(ids, seeds, {**PARAMS, "stop": ["\n\n"]})  # pause at the first blank line
     finally:
         group.shutdown()
     if backend == "vllm":  # the corpus does not depend on how many engines made it
@@ -79,6 +80,13 @@ def test_rollout_group_samples(ray_session, trained_tiny_policy, backend):
     assert sum(o["finish_reason"] == "stop" for o in out) >= 20  # the trained tiny model ends its answers
     assert all(o["finish_reason"] == "length" and len(o["response_ids"]) == 5 for o in short)
     assert [len(o["response_ids"]) for o in limited[:2]] == [3, 1] and len(limited[3]["response_ids"]) == 1
+    for o, full in zip(stepped, out):  # the same samples, cut after their first blank line
+        text = o["response"]
+        if o["finish_reason"] == "step":
+            assert text.endswith("\n\n") and "\n\n" not in text[:-2] and full["response"].startswith(text)
+        else:
+            assert "\n\n" not in text and o["response_ids"] == full["response_ids"]
+    assert sum(o["finish_reason"] == "step" for o in stepped) >= 20  # the trained model writes steps
     if backend == "vllm":  # (transformers draws the copies of a prompt in one call, so only vLLM repeats it)
         assert list(limited[2]["response_ids"]) == list(out[2]["response_ids"])  # a limit above 96 is 96
 

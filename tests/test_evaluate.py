@@ -162,18 +162,20 @@ def test_evaluate_tiny_models_on_local_files(ray_session, tiny_models, trained_t
             f"evaluate.value.model={tiny_models[1]}",
             "evaluate.value.n=4",
             "evaluate.value.sets=[synthetic,aime24]",
+            "evaluate.value.beam={beams:2,k:2,max_rounds:8}",
         ],
     )
     summary = run(cfg)
     printed = capsys.readouterr().out
     samples = pd.read_parquet(tmp_path / "eval" / "samples.parquet")
     n_aime = len(pd.read_parquet(aime_file(tmp_path)))
-    # greedy, 2 seeds (4 samples on aime24), and (not on gsm8k) 4 value-guided samples and the 2 answers chosen
-    per_model = 12 * (1 + 2) + 8 * (1 + 2) + n_aime * (1 + 4) + (12 + n_aime) * (4 + 2)
+    # greedy, 2 seeds (4 samples on aime24), and (not on gsm8k) 4 value-guided samples, the 2 answers chosen from
+    # them and the value beam's answer
+    per_model = 12 * (1 + 2) + 8 * (1 + 2) + n_aime * (1 + 4) + (12 + n_aime) * (4 + 2 + 1)
     assert len(samples) == 2 * per_model
     assert set(samples["score"]) <= {0.0, 1.0}
     assert set(summary) == {"random", "trained"}
-    decodings = ("greedy", "sample", "sample x4", "best-of-4 (V)", "majority@4")
+    decodings = ("greedy", "sample", "sample x4", "best-of-4 (V)", "majority@4", "value beam 2x2")
     assert set(summary["trained"]) == {f"{d} {m}" for d in ("synthetic", "aime24") for m in decodings} | {
         "gsm8k greedy",
         "gsm8k sample",
@@ -187,6 +189,9 @@ def test_evaluate_tiny_models_on_local_files(ray_session, tiny_models, trained_t
         counts = pool["pred"].value_counts()
         assert voted["sample"] == 0 if counts.empty else counts[voted["pred"]] == counts.max()  # no answers: the first
         assert g["tokens"].nunique() == 1 and g["tokens"].iloc[0] >= pool["response"].str.len().sum() > 0
+    beams = samples[samples["decoding"] == "value beam 2x2"]
+    assert (beams["tokens"] >= beams["response"].str.len()).all() and beams["value"].notna().all()
+    assert summary["trained"]["synthetic value beam 2x2"]["tokens_per_problem"] > 0
     synthetic = summary["trained"]["synthetic sample x4"]
     right = samples[
         (samples["model"] == "trained") & (samples["dataset"] == "synthetic") & (samples["decoding"] == "sample x4")

@@ -13,13 +13,13 @@ V = {
 }  # fmt: skip
 
 
-def expand(prefixes, k):
+def expand(requests, k):
     """K continuations of each prefix: one token each (0, 1, ...), the response ends at depth 3."""
-    return [[((j,), len(p) + 1 == 3) for j in range(k)] for p in prefixes]
+    return [[((j,), len(p) + 1 == 3) for j in range(k)] for _, p in requests]
 
 
-def score(prefixes, continuations):
-    return [[V[p + new] for new, _ in conts] for p, conts in zip(prefixes, continuations)]
+def score(requests, continuations):
+    return [[V[p + new] for new, _ in conts] for (_, p), conts in zip(requests, continuations)]
 
 
 def test_majority_vote_and_best_of_n():
@@ -37,8 +37,8 @@ def test_value_beam_keeps_the_best_prefixes(beams, answer, value, tokens):
 
 
 def test_finished_beams_compete_and_end_the_search():
-    def early(prefixes, k):  # token 1 ends the response at once
-        return [[((j,), j == 1 or len(p) + 1 == 3) for j in range(k)] for p in prefixes]
+    def early(requests, k):  # token 1 ends the response at once
+        return [[((j,), j == 1 or len(p) + 1 == 3) for j in range(k)] for _, p in requests]
 
     search = ValueBeam(beams=2, k=2, max_rounds=10)
     (best,) = run_beams([search], early, score)
@@ -50,13 +50,13 @@ def test_finished_beams_compete_and_end_the_search():
 def test_many_searches_run_together_and_stop_at_max_rounds():
     calls = []
 
-    def counting_expand(prefixes, k):
-        calls.append(len(prefixes))
-        return expand(prefixes, k)
+    def counting_expand(requests, k):
+        calls.append([i for i, _ in requests])
+        return expand(requests, k)
 
     wide, capped = ValueBeam(beams=2, k=2, max_rounds=10), ValueBeam(beams=1, k=2, max_rounds=1)
     best = run_beams([wide, capped], counting_expand, score)
-    assert calls == [2, 2, 2]  # round 1: both roots; then wide's 2 beams (capped stopped after 1 round)
+    assert calls == [[0, 1], [0, 0], [0, 0]]  # round 1: both roots; then wide's 2 beams (capped stopped)
     assert best[0].ids == (1, 0, 0) and (best[1].ids, best[1].done) == ((0,), False)  # unfinished: still reported
     with pytest.raises(ValueError, match="continuations for 1 open beams"):
         ValueBeam(beams=1, k=2, max_rounds=3).advance([], [])
