@@ -15,6 +15,7 @@ pred, score), `table.md`, `table.csv` and `summary.json`, and prints the table.
 from __future__ import annotations
 
 import math
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -209,9 +210,11 @@ def value_guided(results: list[dict], prompts: pd.DataFrame, values: ValueGroup,
     )
     for r, v in zip(results, state_values):
         r["value"] = final_value(v, r["response_ids"], eos_token_id)
+    by_problem: dict[int, list[dict]] = {}
+    for r in results:
+        by_problem.setdefault(r["uid"], []).append(r)
     rows = []
-    for uid in range(len(prompts)):
-        group = [r for r in results if r["uid"] == uid]
+    for group in by_problem.values():
         tokens = sum(len(r["response_ids"]) for r in group)
         rows += [{**r, "decoding": f"sample x{n}", "tokens": tokens} for r in group]
         best = group[best_by_value([r["value"] for r in group])]
@@ -239,12 +242,17 @@ def beam_and_grade(
     rounds = [0]
 
     def expand(requests, k):
-        reqs = [(i, prefix, j) for i, prefix in requests for j in range(k)]
+        # a seed per (problem, round, beam of that problem, continuation): independent of the other problems
+        beam_of, count = [], Counter()
+        for i, _ in requests:
+            beam_of.append(count[i])
+            count[i] += 1
+        reqs = [(i, prefix, b, j) for (i, prefix), b in zip(requests, beam_of) for j in range(k)]
         outs = group.generate(
-            [prompt_ids[i] + list(prefix) for i, prefix, _ in reqs],
-            [sample_seed(seed, i, rounds[0], n, j) for n, (i, _, j) in enumerate(reqs)],
+            [prompt_ids[i] + list(prefix) for i, prefix, _, _ in reqs],
+            [sample_seed(seed, i, rounds[0], b, j) for i, _, b, j in reqs],
             {**params, "stop": ["\n\n"]},
-            max_tokens=[max_tokens - len(prefix) for _, prefix, _ in reqs],
+            max_tokens=[max_tokens - len(prefix) for _, prefix, _, _ in reqs],
         )
         rounds[0] += 1
         conts = [
@@ -252,7 +260,7 @@ def beam_and_grade(
                 tuple(o["response_ids"]),
                 o["finish_reason"] != "step" or len(prefix) + len(o["response_ids"]) >= max_tokens,
             )
-            for (_, prefix, _), o in zip(reqs, outs)
+            for (_, prefix, _, _), o in zip(reqs, outs)
         ]
         return [conts[n * k : (n + 1) * k] for n in range(len(requests))]
 
