@@ -4,6 +4,7 @@ import sys
 
 import yaml
 from hydra.core.global_hydra import GlobalHydra
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import OmegaConf
 
 from dqo_verl import main
@@ -33,9 +34,11 @@ def test_cfg_job_prints_the_composed_config(monkeypatch, capsys):
     """`python -m dqo_verl.main +recipe=tiny_cpu key=value --cfg job`, run in this process."""
     argv = ["dqo_verl.main", "+recipe=tiny_cpu", "algorithm.granularity=sequence", "--cfg", "job"]
     monkeypatch.setattr(sys, "argv", argv)
+    previous = HydraConfig.instance().cfg
     try:
         main.main()
-    finally:
+    finally:  # Hydra's state, which the command sets, would leak into later tests
+        HydraConfig.instance().cfg = previous
         GlobalHydra.instance().clear()
     cfg = yaml.safe_load(capsys.readouterr().out)
     assert cfg["algorithm"]["granularity"] == "sequence"
