@@ -155,6 +155,20 @@ def check_prompt_lengths(datasets: dict[str, pd.DataFrame], limit: int) -> None:
             )
 
 
+def grade_answers(
+    prompts: pd.DataFrame, uids: list[int], texts: list[str], workers: int | None, desc: str
+) -> list[dict]:
+    """Grade each text as an answer to prompt row `uid`, in its source's answer format."""
+    return grade_many(
+        [
+            (text, prompts.iloc[u]["reward_model"]["ground_truth"], answer_format(prompts.iloc[u]["data_source"]))
+            for u, text in zip(uids, texts)
+        ],
+        workers,
+        desc=desc,
+    )
+
+
 def sample_and_grade(
     group: RolloutGroup,
     prompts: pd.DataFrame,
@@ -169,18 +183,7 @@ def sample_and_grade(
     outs = group.generate(
         [prompts.iloc[u]["prompt_ids"] for u, _ in requests], [sample_seed(seed, u, j) for u, j in requests], params
     )
-    graded = grade_many(
-        [
-            (
-                o["response"],
-                prompts.iloc[u]["reward_model"]["ground_truth"],
-                answer_format(prompts.iloc[u]["data_source"]),
-            )
-            for (u, _), o in zip(requests, outs)
-        ],
-        workers,
-        desc=desc,
-    )
+    graded = grade_answers(prompts, [u for u, _ in requests], [o["response"] for o in outs], workers, desc)
     return [
         {
             "uid": u,
@@ -275,14 +278,7 @@ def beam_and_grade(
 
     best = run_beams(searches, expand, score)
     texts = [tokenizer.decode(list(b.ids), skip_special_tokens=True) for b in best]
-    graded = grade_many(
-        [
-            (text, prompts.iloc[u]["reward_model"]["ground_truth"], answer_format(prompts.iloc[u]["data_source"]))
-            for u, text in enumerate(texts)
-        ],
-        workers,
-        desc="grading beams",
-    )
+    graded = grade_answers(prompts, list(range(len(prompts))), texts, workers, "grading beams")
     return [
         {
             "uid": u,
