@@ -139,8 +139,9 @@ def main(argv: list[str] | None = None) -> dict:
     if missing:
         raise SystemExit(f"error: {args.corpus} has no column {sorted(missing)[0]!r} (run the process stage on it)")
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = AutoModelForTokenClassification.from_pretrained(args.value_model).to(device).eval()
-    pad = model.config.pad_token_id or 0
+    dtype = torch.float32 if device == "cpu" else torch.bfloat16  # as the value workers load it
+    model = AutoModelForTokenClassification.from_pretrained(args.value_model, dtype=dtype).to(device).eval()
+    pad = 0 if model.config.pad_token_id is None else model.config.pad_token_id
     eos = model.config.eos_token_id
     eos = eos[0] if isinstance(eos, list) else eos
     state = []
