@@ -86,20 +86,28 @@ class LocalRayCluster:
     def _ray(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
         return subprocess.run([RAY, *args], env=self.env, capture_output=True, text=True, timeout=timeout)
 
-    def wait_for_nodes(self, n: int, timeout: float = 90) -> None:
-        deadline = time.time() + timeout
+    def _probe(self, *args: str) -> subprocess.CompletedProcess | None:
+        """A `ray` CLI call used to poll; None when it hangs (a starting cluster on a busy machine)."""
+        try:
+            return self._ray(*args, timeout=30)
+        except subprocess.TimeoutExpired:
+            return None
+
+    def wait_for_nodes(self, n: int, timeout: float = 180) -> None:
+        deadline, out = time.time() + timeout, None
         while time.time() < deadline:
             self._collect_pids()
-            out = self._ray("status", f"--address={self.address}", timeout=30)
-            if out.returncode == 0 and out.stdout.count("node_") >= n:
+            out = self._probe("status", f"--address={self.address}")
+            if out is not None and out.returncode == 0 and out.stdout.count("node_") >= n:
                 return
             time.sleep(1)
-        raise TimeoutError(f"Ray cluster did not reach {n} nodes: {out.stdout}{out.stderr}")
+        raise TimeoutError(f"Ray cluster did not reach {n} nodes: {out and out.stdout}{out and out.stderr}")
 
-    def wait_for_dashboard(self, timeout: float = 60) -> None:
+    def wait_for_dashboard(self, timeout: float = 120) -> None:
         deadline = time.time() + timeout
         while time.time() < deadline:
-            if self._ray("job", "list", f"--address={self.dashboard_url}", timeout=30).returncode == 0:
+            out = self._probe("job", "list", f"--address={self.dashboard_url}")
+            if out is not None and out.returncode == 0:
                 return
             time.sleep(1)
         raise TimeoutError("Ray job server did not come up")
