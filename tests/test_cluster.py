@@ -4,9 +4,11 @@ a killed worker. Each test stops only the processes its cluster started."""
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -21,11 +23,15 @@ REPO = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
-    c = LocalRayCluster(tmp_path_factory.mktemp("raycluster"), num_nodes=2, cpus_per_node=4)
+    # a short folder: Ray's unix sockets under <temp dir>/session_<date>_<pid>/sockets/ must stay within 107
+    # bytes, which pytest's own temp folders exceeded once their numbers and the pids grew
+    root = Path(tempfile.mkdtemp(prefix="rc"))
+    c = LocalRayCluster(root, num_nodes=2, cpus_per_node=4)
     try:
         yield c
     finally:
         c.stop()
+        shutil.rmtree(root, ignore_errors=True)
 
 
 def overrides(tiny_models, corpus, out, *extra):
