@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 # pip's notices about this machine's optional local package indexes are noise
 QUIET := 2>&1 | { grep -v "is ignored: it is neither a file nor a directory" || true; }
 
-.PHONY: install install-gpu lint test test-fast demo pipeline compare realism realism-extras tiny-model sft prompts corpus score process baselines train eval eval-epochs report bench-train bench-gen bench-process clean
+.PHONY: install install-gpu lint test test-fast demo pipeline compare iterate realism realism-extras tiny-model sft prompts corpus score process baselines train eval eval-epochs report bench-train bench-gen bench-process clean
 
 # CPU install: torch 2.13.0 (CPU wheel) first, then the package, its deps and the test tools. (pip byte-compiles
 # everything at install: with --no-compile the test suite's many fresh processes compiled the same modules
@@ -77,6 +77,12 @@ eval-epochs: install
 # table under <paths.root>/compare/ (not part of make test; the embedded default takes about an hour on 2 cores)
 compare: install $(if $(filter realism%,$(RECIPE)),realism-extras)
 	$(PY) -m dqo_verl.compare +recipe=$(RECIPE) $(ARGS)
+
+# iterative DQO: round 1 is the recipe's pipeline, each further round samples a new corpus from the last
+# round's policy and continues DQO from it; a per-round table under <paths.root>/iterate/
+ROUNDS ?= 3
+iterate: install $(if $(filter realism%,$(RECIPE)),realism-extras)
+	$(PY) -m dqo_verl.iterate +recipe=$(RECIPE) iterate.rounds=$(ROUNDS) $(ARGS)
 
 # the tiny default's models: base, SFT warm-up, value
 tiny-model: install

@@ -45,6 +45,12 @@ def overridden_keys(overrides: list[str]) -> list[str]:
     return [o.split("=", 1)[0].lstrip("+") for o in overrides if "=" in o and not o.startswith("~")]
 
 
+def raw_overrides(section: DictConfig) -> list[str]:
+    """`section.overrides` (a command line's overrides kept in the config) as typed: `${paths.data}/x` stays an
+    interpolation for the config it is applied to, not the value it had where it was stored."""
+    return OmegaConf.to_container(section.overrides, resolve=False)
+
+
 def with_method_settings(config: DictConfig, overrides: list[str] = ()) -> DictConfig:
     """`methods.<algorithm.name>` (a recipe's settings for that method, e.g. paper A.2's DPO lr and batch size)
     merged over the config; keys set on the command line (`overrides`) keep their values."""

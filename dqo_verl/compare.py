@@ -29,7 +29,7 @@ from matplotlib.figure import Figure
 from omegaconf import DictConfig, OmegaConf
 
 from dqo_verl import evaluate, pipeline
-from dqo_verl.cli import InputError, compose_config, entry_point
+from dqo_verl.cli import InputError, compose_config, entry_point, raw_overrides
 
 
 def slug(label: str) -> str:
@@ -42,7 +42,7 @@ def run_config(cfg: DictConfig, overrides: list[str], folder: Path, label: str, 
     return compose_config(
         cfg.compare.recipe,
         [
-            *cfg.compare.overrides,
+            *raw_overrides(cfg.compare),
             *overrides,
             f"trainer.seed={seed}",
             f"trainer.output_dir={folder / 'run'}",
@@ -121,7 +121,7 @@ def run(cfg: DictConfig) -> pd.DataFrame:
         base = compose_config(
             c.recipe,
             [
-                *c.overrides,
+                *raw_overrides(c),
                 f"evaluate.out_dir={root / 'base'}",
                 f"evaluate.models=[{cfg.policy.model.path}]",
                 "evaluate.names=[base]",

@@ -38,11 +38,12 @@ from dqo_verl.prompts import (
 )
 from dqo_verl.rollout import RolloutGroup, sample_seed
 from dqo_verl.search import ValueBeam, best_by_value, majority_vote, run_beams
-from dqo_verl.values import ValueGroup, final_value
+from dqo_verl.values import ValueGroup, final_value, step_q
 from dqo_verl.verifier import auroc
 from dqo_verl.workers import engines_per_node, init_ray
 
 GREEDY = {"temperature": 0.0, "top_p": 1.0, "top_k": 0, "min_p": 0.0}
+BEAM_LABELS = {"value": "value", "q": "Q"}  # evaluate.value.beam.by -> the column's name
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -236,9 +237,11 @@ def beam_and_grade(
     tokenizer,
     beam: DictConfig,
     workers: int | None = None,
+    beta: float | None = None,
 ) -> list[dict]:
-    """Step-level beam search by V for every prompt (`search.ValueBeam`; steps end at blank lines), graded: one
-    dict per prompt with the best finished beam, its final value and the tokens the search generated."""
+    """Step-level beam search for every prompt (`search.ValueBeam`; steps end at blank lines), by V of the new
+    prefix or, given `beta` and value workers serving log-ratios (`load_policies`), by Q of the step;
+    graded: one dict per prompt with the best finished beam, its score and the tokens the search generated."""
     max_tokens, eos = params["max_tokens"], tokenizer.eos_token_id
     searches = [ValueBeam(beam.beams, beam.k, beam.max_rounds) for _ in range(len(prompts))]
     prompt_ids = [list(p) for p in prompts["prompt_ids"]]
@@ -269,10 +272,17 @@ def beam_and_grade(
 
     def score(requests, continuations):
         flat = [
-            (i, list(prefix) + list(new)) for (i, prefix), conts in zip(requests, continuations) for new, _ in conts
+            (i, list(prefix) + list(new), len(prefix))
+            for (i, prefix), conts in zip(requests, continuations)
+            for new, _ in conts
         ]
-        state = values.state_values([prompt_ids[i] for i, _ in flat], [ids for _, ids in flat])
-        scores = [final_value(v, ids, eos) for v, (_, ids) in zip(state, flat)]
+        prompts_, responses = [prompt_ids[i] for i, _, _ in flat], [ids for _, ids, _ in flat]
+        if beta is None:
+            state = values.state_values(prompts_, responses)
+            scores = [final_value(v, ids, eos) for v, ids in zip(state, responses)]
+        else:
+            state, ratios = values.values_and_log_ratios(prompts_, responses)
+            scores = [step_q(v, lr, start, beta) for v, lr, (_, _, start) in zip(state, ratios, flat)]
         k = len(continuations[0]) if continuations else 0
         return [scores[n * k : (n + 1) * k] for n in range(len(requests))]
 
@@ -313,12 +323,16 @@ def evaluate_model(
             runs += [("value", first_seed, e.value.n, sampling)]
         if guided and e.value.beam:
             b = e.value.beam
-            runs += [(f"value beam {b.beams}x{b.k}", first_seed, 1, sampling)]
+            runs += [(f"{BEAM_LABELS[by]} beam {b.beams}x{b.k}", first_seed, 1, sampling) for by in b.by]
         for decoding, seed, n, params in runs:
             params = {**params, "max_tokens": spec.get("max_tokens") or e.max_tokens}
-            if decoding.startswith("value beam"):
+            if " beam " in decoding:
+                beta = None
+                if decoding.startswith(BEAM_LABELS["q"]):
+                    values.load_policies(path, e.value.reference or cfg.ref.path)
+                    beta = cfg.algorithm.beta
                 results = beam_and_grade(
-                    group, values, prompts, seed, params, hf_tokenizer(path), e.value.beam, cfg.score.workers
+                    group, values, prompts, seed, params, hf_tokenizer(path), e.value.beam, cfg.score.workers, beta
                 )
             else:
                 results = sample_and_grade(group, prompts, n, seed, params, cfg.score.workers, f"grading {dataset}")
@@ -381,6 +395,9 @@ def run(cfg: DictConfig) -> dict:
     for m in models:  # a local folder that is missing (a hub name has exactly one "/")
         if not Path(m).exists() and (m.startswith(("/", ".", "outputs")) or m.count("/") != 1):
             raise InputError(f"evaluate.models: {m} does not exist (train or export it first, e.g. `make demo`)")
+    unknown = [by for by in (e.value.beam.by if e.value.model and e.value.beam else []) if by not in BEAM_LABELS]
+    if unknown:
+        raise InputError(f"evaluate.value.beam.by: {unknown[0]!r} is not one of {', '.join(BEAM_LABELS)}")
     longest = max(e.sets, key=lambda d: e.datasets[d].get("max_tokens") or e.max_tokens)
     answer_key = (
         f"evaluate.datasets.{longest}.max_tokens" if e.datasets[longest].get("max_tokens") else "evaluate.max_tokens"

@@ -1,5 +1,5 @@
-"""A shortened `make demo`: the pipeline runs every stage of tiny_cpu in order, and a rerun only what changed
-or what it has not run yet."""
+"""A shortened `make demo`: the pipeline runs every stage of tiny_cpu in order, a rerun only what changed or
+what it has not run yet, and `make iterate` a second round of DQO on top."""
 
 import json
 import re
@@ -97,3 +97,28 @@ def test_short_demo_end_to_end(tmp_path):
         assert (data / "baselines" / f"{name}.parquet").exists()
     assert "| DQO | 64 | 16 |" in again and (data / "baselines" / "positive_rate.png").exists()
     assert again.strip().splitlines()[-1] == last  # the same evaluation, reported again
+
+    # one more round of iterative DQO (`make iterate ROUNDS=2`): round 1 is this run, found up to date; round 2
+    # samples a corpus from round 1's policy on the same prompts and continues DQO from its policy and value
+    cmd = [sys.executable, "-m", "dqo_verl.iterate", "+recipe=tiny_cpu", f"paths.root={root}", *SHORT]
+    cmd += ["evaluate.sampling.seeds=[0,1]", "report.value_curves=false", "iterate.rounds=2"]
+    it = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert it.returncode == 0, it.stdout[-4000:] + it.stderr[-4000:]
+    first, second = it.stdout.split("[iterate] round 2/2")
+    assert ": running" not in first and first.count("up to date") == 10
+    round2 = root / "iterate" / "round2"
+    assert pd.read_parquet(round2 / "data" / "prompts.parquet").equals(prompts)
+    assert len(pd.read_parquet(round2 / "data" / "corpus.parquet")) == 16 * 4
+    for record, reads in (
+        (round2 / "data" / ".stages" / "corpus.json", [run / "export" / "policy"]),
+        (round2 / "run" / "export" / ".stages" / "train.json", [run / "export" / "policy", run / "export" / "value"]),
+    ):
+        inputs = json.loads(record.read_text())["inputs"]
+        assert all(str(path) in inputs for path in reads), inputs
+    assert str(root / "assets" / "policy") in inputs  # the original reference model
+    after = AutoModelForCausalLM.from_pretrained(round2 / "run" / "export" / "policy")
+    assert not torch.equal(after.lm_head.weight, policy.lm_head.weight)  # round 2 trained on
+    table = pd.read_csv(root / "iterate" / "table.csv")
+    assert list(table["round"]) == [0, 1, 2] and list(table["responses"][1:]) == [64, 64]
+    assert table["synthetic greedy"][1] == pytest.approx(100 * summary["dqo"]["synthetic greedy"]["accuracy"])
+    assert (root / "iterate" / "accuracy.png").read_bytes()[:4] == b"\x89PNG"

@@ -4,6 +4,7 @@ import itertools
 import json
 import math
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -162,7 +163,8 @@ def test_evaluate_tiny_models_on_local_files(ray_session, tiny_models, trained_t
             f"evaluate.value.model={tiny_models[1]}",
             "evaluate.value.n=4",
             "evaluate.value.sets=[synthetic,aime24]",
-            "evaluate.value.beam={beams:2,k:2,max_rounds:8}",
+            "evaluate.value.beam={beams:2,k:2,max_rounds:8,by:[value,q]}",
+            f"evaluate.value.reference={tiny_models[0]}",
         ],
     )
     summary = run(cfg)
@@ -170,12 +172,12 @@ def test_evaluate_tiny_models_on_local_files(ray_session, tiny_models, trained_t
     samples = pd.read_parquet(tmp_path / "eval" / "samples.parquet")
     n_aime = len(pd.read_parquet(aime_file(tmp_path)))
     # greedy, 2 seeds (4 samples on aime24), and (not on gsm8k) 4 value-guided samples, the 2 answers chosen from
-    # them and the value beam's answer
-    per_model = 12 * (1 + 2) + 8 * (1 + 2) + n_aime * (1 + 4) + (12 + n_aime) * (4 + 2 + 1)
+    # them and the answers of the beams by V and by Q
+    per_model = 12 * (1 + 2) + 8 * (1 + 2) + n_aime * (1 + 4) + (12 + n_aime) * (4 + 2 + 2)
     assert len(samples) == 2 * per_model
     assert set(samples["score"]) <= {0.0, 1.0}
     assert set(summary) == {"random", "trained"}
-    decodings = ("greedy", "sample", "sample x4", "best-of-4 (V)", "majority@4", "value beam 2x2")
+    decodings = ("greedy", "sample", "sample x4", "best-of-4 (V)", "majority@4", "value beam 2x2", "Q beam 2x2")
     assert set(summary["trained"]) == {f"{d} {m}" for d in ("synthetic", "aime24") for m in decodings} | {
         "gsm8k greedy",
         "gsm8k sample",
@@ -189,9 +191,13 @@ def test_evaluate_tiny_models_on_local_files(ray_session, tiny_models, trained_t
         counts = pool["pred"].value_counts()
         assert voted["sample"] == 0 if counts.empty else counts[voted["pred"]] == counts.max()  # no answers: the first
         assert g["tokens"].nunique() == 1 and g["tokens"].iloc[0] >= pool["response"].str.len().sum() > 0
-    beams = samples[samples["decoding"] == "value beam 2x2"]
-    assert (beams["tokens"] >= beams["response"].str.len()).all() and beams["value"].notna().all()
-    assert summary["trained"]["synthetic value beam 2x2"]["tokens_per_problem"] > 0
+    for by in ("value", "Q"):
+        beams = samples[samples["decoding"] == f"{by} beam 2x2"]
+        assert (beams["tokens"] >= beams["response"].str.len()).all() and beams["value"].notna().all()
+        assert summary["trained"][f"synthetic {by} beam 2x2"]["tokens_per_problem"] > 0
+    # the two beams rank by different scores: on the same problems their answers' scores differ
+    by_v, by_q = (samples[samples["decoding"] == f"{by} beam 2x2"]["value"].to_numpy() for by in ("value", "Q"))
+    assert not np.allclose(by_v, by_q)
     synthetic = summary["trained"]["synthetic sample x4"]
     right = samples[
         (samples["model"] == "trained") & (samples["dataset"] == "synthetic") & (samples["decoding"] == "sample x4")

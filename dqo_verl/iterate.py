@@ -1,0 +1,185 @@
+"""`make iterate`: rounds of DQO, each on a fresh corpus sampled from the policy the last round trained.
+
+    python -m dqo_verl.iterate +recipe=NAME iterate.rounds=3 [iterate.reference=original|last] [key=value ...]
+                                                                         (make iterate RECIPE=NAME ROUNDS=3)
+
+Round 1 is the recipe's own pipeline (`make pipeline RECIPE=NAME`: whatever is up to date is reused, so after
+`make demo` round 1 costs nothing). Round r > 1 runs, under `${iterate.out_dir}/round<r>/`, the stages corpus ->
+score (-> process, when the recipe trains on process rewards) -> train -> eval through the pipeline runner:
+the corpus is sampled from round r-1's exported policy on the recipe's prompts, and DQO continues from round
+r-1's policy and value (fresh optimizer state), against the recipe's reference model (`iterate.reference=
+original`) or round r-1's policy (`last`). Every round is evaluated like round 1 on the same test problems.
+A killed run resumes where it stopped (each round is a pipeline run).
+
+Writes `${iterate.out_dir}/table.md` and `table.csv` (a row per round: the corpus it trained on and the
+accuracy of its policy; row 0 is the base) and `accuracy.png`.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+
+import pandas as pd
+import ray
+from hydra.core.hydra_config import HydraConfig
+from matplotlib.figure import Figure
+from omegaconf import DictConfig, OmegaConf
+
+from dqo_verl import evaluate, pipeline
+from dqo_verl.cli import InputError, compose_config, entry_point, raw_overrides
+
+# what evaluation keeps out of generated test sets (evaluate.seen_questions): every round gets round 1's copy
+SHARED_DATA = ("prompts.parquet", "sft.parquet", "dev.parquet")
+REFERENCES = ("original", "last")
+STATS = ("responses", "right %", "prompts with a right answer %", "response tokens")
+
+
+def round_stages(cfg: DictConfig) -> list[str]:
+    """The stages of a round after the first."""
+    return ["corpus", "score", *(["process"] if cfg.algorithm.use_process_rewards else []), "train", "eval"]
+
+
+def round_overrides(first: DictConfig, r: int, reference: str) -> list[str]:
+    """The overrides that make round `r` (> 1) of a recipe whose round 1 is `first` (a resolved config)."""
+    if reference not in REFERENCES:
+        raise InputError(f"iterate.reference={reference} is not one of {', '.join(REFERENCES)}")
+    folder = Path(first.iterate.out_dir) / f"round{r}"
+    previous = Path(first.trainer.output_dir) if r == 2 else Path(first.iterate.out_dir) / f"round{r - 1}" / "run"
+    export = folder / "run" / "export"
+    overrides = [
+        f"paths.data={folder / 'data'}",
+        f"trainer.output_dir={folder / 'run'}",
+        f"trainer.experiment_name={first.trainer.experiment_name}_round{r}",
+        f"policy.model.path={previous / 'export' / 'policy'}",
+        f"value.model.path={previous / 'export' / 'value'}",
+        # the value model continues: its head is the last round's, not a fresh one
+        "value.zero_head=false",
+        f"ref.path={first.ref.path if reference == 'original' else previous / 'export' / 'policy'}",
+        # the models are the last round's: nothing to build or warm up
+        "models.base=null",
+        "models.value=null",
+        "sft=null",
+        f"pipeline.stages=[{','.join(round_stages(first))}]",
+        "pipeline.redo=null",
+        f"evaluate.out_dir={folder / 'eval'}",
+        f"evaluate.models=[{export / 'policy'}]",
+        f"evaluate.names=['round {r}']",
+        "evaluate.epochs=false",
+    ]
+    if first.evaluate.value.model:  # value-guided decodings with the round's own value model
+        overrides.append(f"evaluate.value.model={export / 'value'}")
+    return overrides
+
+
+def corpus_stats(corpus: pd.DataFrame) -> dict:
+    """Size and quality of a graded corpus: responses, right answers, prompts with one, mean response tokens."""
+    right = corpus["score"] == 1
+    values = (
+        len(corpus),
+        100 * right.mean(),
+        100 * right.groupby(corpus["uid"]).any().mean(),
+        corpus["response_ids"].map(len).mean(),
+    )
+    return dict(zip(STATS, values))
+
+
+def accuracies(summary_file: Path, name: str) -> dict:
+    """{column: accuracy %} of model `name` in an evaluation summary."""
+    results = json.loads(summary_file.read_text())["results"]
+    if name not in results:
+        raise InputError(f"{summary_file}: no model {name!r} (models: {', '.join(results)})")
+    return {column: 100 * cell["accuracy"] for column, cell in results[name].items()}
+
+
+def first_round_names(first: DictConfig) -> tuple[str | None, str]:
+    """The row labels of the base and of the trained policy in round 1's evaluation (base: None if absent)."""
+    models, names = evaluate.models_and_names(first)
+    paths = [Path(m).resolve() for m in models]
+    trained = (Path(first.trainer.output_dir) / "export" / "policy").resolve()
+    if trained not in paths:
+        raise InputError(
+            f"evaluate.models={list(models)}: round 1's evaluation must include the trained policy {trained}"
+        )
+    base = Path(first.policy.model.path).resolve()
+    return (names[paths.index(base)] if base in paths else None), names[paths.index(trained)]
+
+
+def plot_rounds(table: pd.DataFrame, columns: list[str], out: Path) -> Path:
+    """Accuracy per round, a line per evaluation column."""
+    fig = Figure(figsize=(6, 4))
+    ax = fig.subplots()
+    for column in columns:
+        ax.plot(table["round"], table[column], marker="o", label=column)
+    ax.set_xticks(table["round"])
+    ax.set(xlabel="round (0 = base)", ylabel="accuracy (%)", title="Iterative DQO")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    return out
+
+
+def run(cfg: DictConfig) -> pd.DataFrame:
+    """`python -m dqo_verl.iterate`: round 1 (the recipe's pipeline), then rounds 2..K, then the table."""
+    it = cfg.iterate
+    if it.rounds < 1:
+        raise InputError(f"iterate.rounds={it.rounds}: at least 1")
+    root = Path(it.out_dir)
+    start = time.time()
+    rows = []
+    try:
+        stages = list(dict.fromkeys([*cfg.pipeline.stages, "train", "eval"]))
+        first = OmegaConf.merge(cfg, {"pipeline": {"stages": stages}})
+        base_name, trained_name = first_round_names(first)
+        print(f"[iterate] round 1/{it.rounds}: the recipe's pipeline ({time.time() - start:.0f}s so far)")
+        pipeline.run_pipeline(first)
+        summary = evaluate.out_dir(first) / "summary.json"
+        if base_name is not None:
+            rows.append({"round": 0, "model": base_name, **accuracies(summary, base_name)})
+        stats = corpus_stats(pd.read_parquet(first.data.train_files))
+        rows.append({"round": 1, "model": trained_name, **stats, **accuracies(summary, trained_name)})
+        for r in range(2, it.rounds + 1):
+            print(f"[iterate] round {r}/{it.rounds} ({time.time() - start:.0f}s so far)")
+            rcfg = compose_config(it.recipe, [*raw_overrides(it), *round_overrides(first, r, it.reference)])
+            data = Path(rcfg.paths.data)
+            data.mkdir(parents=True, exist_ok=True)
+            for name in SHARED_DATA:
+                if (Path(first.paths.data) / name).exists() and not (data / name).exists():
+                    shutil.copyfile(Path(first.paths.data) / name, data / name)
+            pipeline.run_pipeline(rcfg)
+            rows.append(
+                {
+                    "round": r,
+                    "model": f"round {r}",
+                    **corpus_stats(pd.read_parquet(rcfg.data.train_files)),
+                    **accuracies(evaluate.out_dir(rcfg) / "summary.json", f"round {r}"),
+                }
+            )
+    finally:
+        if ray.is_initialized():
+            ray.shutdown()
+    table = pd.DataFrame(rows)
+    columns = [c for c in table.columns if c not in ("round", "model", *STATS)]
+    root.mkdir(parents=True, exist_ok=True)
+    table.to_csv(root / "table.csv", index=False)
+    (root / "table.md").write_text(table.to_markdown(index=False, floatfmt=".1f") + "\n")
+    plot_rounds(table, columns, root / "accuracy.png")
+    print(table.to_markdown(index=False, floatfmt=".1f"))
+    print(f"[iterate] {it.rounds} rounds in {time.time() - start:.0f}s -> {root} (table.md, table.csv, accuracy.png)")
+    return table
+
+
+def main(cfg: DictConfig) -> pd.DataFrame:
+    """The command: the recipe's name and the command line's overrides go to every round's config."""
+    choices = HydraConfig.get().runtime.choices if HydraConfig.initialized() else {}
+    overrides = [o for o in HydraConfig.get().overrides.task if not o.startswith("+recipe=")]
+    cfg = OmegaConf.merge(cfg, {"iterate": {"recipe": choices.get("recipe"), "overrides": overrides}})
+    return run(cfg)
+
+
+cli = entry_point(main)
+
+if __name__ == "__main__":
+    cli()
