@@ -43,7 +43,7 @@ from dqo_verl.verifier import auroc
 from dqo_verl.workers import engines_per_node, init_ray
 
 GREEDY = {"temperature": 0.0, "top_p": 1.0, "top_k": 0, "min_p": 0.0}
-BEAM_LABELS = {"value": "value", "q": "Q"}  # evaluate.value.beam.by -> the column's name
+BEAM_LABELS = {"value": "value", "q": "Q"}  # evaluate.value.by -> the beam column's name
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -80,8 +80,9 @@ def summarize(samples: pd.DataFrame, pass_k: list[int]) -> dict:
             for k in pass_k:
                 if k <= per_problem["size"].min():
                     res[f"pass@{k}"] = float(np.mean([pass_at_k(int(n), int(c), k) for n, c in per_problem.values]))
-            if "value" in g and g["value"].notna().all() and g["score"].nunique() == 2:
-                res["value_auroc"] = auroc(g["value"].to_numpy(), g["score"].to_numpy() == 1)
+            for score, key in (("value", "value_auroc"), ("q_value", "q_auroc")):
+                if score in g and g[score].notna().all() and g["score"].nunique() == 2:
+                    res[key] = auroc(g[score].to_numpy(), g["score"].to_numpy() == 1)
         else:
             per_seed = g.groupby("seed")["score"].mean().tolist()
             mean, std = seed_mean_std(per_seed)
@@ -99,6 +100,8 @@ def cell(res: dict) -> str:
     notes = [f"{k}={100 * v:.1f}" for k, v in res.items() if k.startswith("pass@")]
     if "value_auroc" in res:
         notes.append(f"V AUROC={res['value_auroc']:.2f}")
+    if "q_auroc" in res:
+        notes.append(f"Q AUROC={res['q_auroc']:.2f}")
     if "tokens_per_problem" in res:
         notes.append(f"{res['tokens_per_problem']:.0f} tokens/problem")
     return text + (f" ({', '.join(notes)})" if notes else "")
@@ -204,14 +207,22 @@ def greedy_accuracy(group: RolloutGroup, prompts: pd.DataFrame, max_tokens: int,
     return float(np.mean([r["score"] for r in results]))
 
 
-def value_guided(results: list[dict], prompts: pd.DataFrame, values: ValueGroup, eos_token_id: int) -> list[dict]:
+def value_guided(
+    results: list[dict], prompts: pd.DataFrame, values: ValueGroup, eos_token_id: int, beta: float | None = None
+) -> list[dict]:
     """N samples per problem -> the samples with their final value (decoding `sample xN`), and per problem the
-    sample with the highest value (`best-of-N (V)`) and the one majority voting picks (`majority@N`); every row
-    carries the tokens its problem's N samples cost."""
+    sample with the highest value (`best-of-N (V)`) and the one majority voting picks (`majority@N`); given
+    `beta` (value workers serving log-ratios), also each sample's Q estimate of its outcome, V(s_0) + beta *
+    log(pi/pi_ref) of the whole response, and the sample with the highest (`best-of-N (Q)`). Every row carries
+    the tokens its problem's N samples cost."""
     n = max(r["sample"] for r in results) + 1
-    state_values = values.state_values(
-        [prompts.iloc[r["uid"]]["prompt_ids"] for r in results], [r["response_ids"] for r in results]
-    )
+    requests = ([prompts.iloc[r["uid"]]["prompt_ids"] for r in results], [r["response_ids"] for r in results])
+    if beta is None:
+        state_values = values.state_values(*requests)
+    else:
+        state_values, ratios = values.values_and_log_ratios(*requests)
+        for r, v, lr in zip(results, state_values, ratios):
+            r["q_value"] = step_q(v, lr, 0, beta)
     for r, v in zip(results, state_values):
         r["value"] = final_value(v, r["response_ids"], eos_token_id)
     by_problem: dict[int, list[dict]] = {}
@@ -221,10 +232,11 @@ def value_guided(results: list[dict], prompts: pd.DataFrame, values: ValueGroup,
     for group in by_problem.values():
         tokens = sum(len(r["response_ids"]) for r in group)
         rows += [{**r, "decoding": f"sample x{n}", "tokens": tokens} for r in group]
-        best = group[best_by_value([r["value"] for r in group])]
-        voted = group[majority_vote([r["pred"] for r in group])]
-        rows += [{**best, "decoding": f"best-of-{n} (V)", "tokens": tokens}]
-        rows += [{**voted, "decoding": f"majority@{n}", "tokens": tokens}]
+        picks = {"V": best_by_value([r["value"] for r in group])}
+        if beta is not None:
+            picks["Q"] = best_by_value([r["q_value"] for r in group])
+        rows += [{**group[i], "decoding": f"best-of-{n} ({by})", "tokens": tokens} for by, i in picks.items()]
+        rows += [{**group[majority_vote([r["pred"] for r in group])], "decoding": f"majority@{n}", "tokens": tokens}]
     return rows
 
 
@@ -309,6 +321,10 @@ def evaluate_model(
 ) -> list[dict]:
     """Per-sample results of the group's model on every dataset and decoding (value-guided ones with `values`)."""
     e = cfg.evaluate
+    q_beta = None  # scoring by Q: the value workers also serve log(pi/pi_ref) of this model
+    if values is not None and "q" in e.value.by:
+        values.load_policies(path, e.value.reference or cfg.ref.path)
+        q_beta = cfg.algorithm.beta
     rows = []
     for dataset, prompts in datasets.items():
         spec = e.datasets[dataset]
@@ -323,21 +339,18 @@ def evaluate_model(
             runs += [("value", first_seed, e.value.n, sampling)]
         if guided and e.value.beam:
             b = e.value.beam
-            runs += [(f"{BEAM_LABELS[by]} beam {b.beams}x{b.k}", first_seed, 1, sampling) for by in b.by]
+            runs += [(f"{BEAM_LABELS[by]} beam {b.beams}x{b.k}", first_seed, 1, sampling) for by in e.value.by]
         for decoding, seed, n, params in runs:
             params = {**params, "max_tokens": spec.get("max_tokens") or e.max_tokens}
             if " beam " in decoding:
-                beta = None
-                if decoding.startswith(BEAM_LABELS["q"]):
-                    values.load_policies(path, e.value.reference or cfg.ref.path)
-                    beta = cfg.algorithm.beta
+                beta = q_beta if decoding.startswith(BEAM_LABELS["q"]) else None
                 results = beam_and_grade(
                     group, values, prompts, seed, params, hf_tokenizer(path), e.value.beam, cfg.score.workers, beta
                 )
             else:
                 results = sample_and_grade(group, prompts, n, seed, params, cfg.score.workers, f"grading {dataset}")
             if decoding == "value":
-                results = value_guided(results, prompts, values, hf_tokenizer(path).eos_token_id)
+                results = value_guided(results, prompts, values, hf_tokenizer(path).eos_token_id, q_beta)
             rows += [
                 {
                     "model": name,
@@ -395,9 +408,9 @@ def run(cfg: DictConfig) -> dict:
     for m in models:  # a local folder that is missing (a hub name has exactly one "/")
         if not Path(m).exists() and (m.startswith(("/", ".", "outputs")) or m.count("/") != 1):
             raise InputError(f"evaluate.models: {m} does not exist (train or export it first, e.g. `make demo`)")
-    unknown = [by for by in (e.value.beam.by if e.value.model and e.value.beam else []) if by not in BEAM_LABELS]
+    unknown = [by for by in (e.value.by if e.value.model else []) if by not in BEAM_LABELS]
     if unknown:
-        raise InputError(f"evaluate.value.beam.by: {unknown[0]!r} is not one of {', '.join(BEAM_LABELS)}")
+        raise InputError(f"evaluate.value.by: {unknown[0]!r} is not one of {', '.join(BEAM_LABELS)}")
     longest = max(e.sets, key=lambda d: e.datasets[d].get("max_tokens") or e.max_tokens)
     answer_key = (
         f"evaluate.datasets.{longest}.max_tokens" if e.datasets[longest].get("max_tokens") else "evaluate.max_tokens"

@@ -59,6 +59,7 @@ TRAINING = (
     "checkpoint",
     "trainer.total_epochs",
     "trainer.total_training_steps",
+    "trainer.critic_warmup",
     "trainer.seed",
     "trainer.nnodes",
     "trainer.n_gpus_per_node",

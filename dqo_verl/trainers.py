@@ -76,14 +76,14 @@ class DQOTrainer(Trainer):
         log_ratio = torch.where(mask, out["policy"] - td["ref_logprobs"], torch.zeros_like(out["policy"]))
         t = algo.dqo_targets(log_ratio, out["value"], td["rewards"], td["action_ends"], a.beta, a.lam, a.is_log_clip)
         ones = torch.ones_like(t.weights)
-        fields = {
-            "value": {"returns": t.returns, "is_weights": t.weights if self.is_value else ones},
-            "policy": {
+        fields = {"value": {"returns": t.returns, "is_weights": t.weights if self.is_value else ones}}
+        warmup = step < self.config.trainer.critic_warmup  # verl's critic warm-up: V alone for the first updates
+        if not warmup:
+            fields["policy"] = {
                 "values": out["value"],
                 "returns": t.returns,
                 "is_weights": t.weights if self.is_policy else ones,
-            },
-        }
+            }
         metrics = self.train(fields, td, step, num_actions=int(t.mask.sum()))
         seq_log_ratio = log_ratio.sum(dim=1)
         metrics.update(
@@ -99,6 +99,7 @@ class DQOTrainer(Trainer):
                 "dqo/reward_mean": t.rewards.sum(dim=1).mean().item(),
                 "dqo/response_length_mean": mask.sum(dim=1).float().mean().item(),
                 "dqo/num_actions": int(t.mask.sum()),
+                "dqo/critic_warmup": float(warmup),
             }
         )
         return metrics

@@ -163,7 +163,8 @@ def test_evaluate_tiny_models_on_local_files(ray_session, tiny_models, trained_t
             f"evaluate.value.model={tiny_models[1]}",
             "evaluate.value.n=4",
             "evaluate.value.sets=[synthetic,aime24]",
-            "evaluate.value.beam={beams:2,k:2,max_rounds:8,by:[value,q]}",
+            "evaluate.value.beam={beams:2,k:2,max_rounds:8}",
+            "evaluate.value.by=[value,q]",
             f"evaluate.value.reference={tiny_models[0]}",
         ],
     )
@@ -172,25 +173,31 @@ def test_evaluate_tiny_models_on_local_files(ray_session, tiny_models, trained_t
     samples = pd.read_parquet(tmp_path / "eval" / "samples.parquet")
     n_aime = len(pd.read_parquet(aime_file(tmp_path)))
     # greedy, 2 seeds (4 samples on aime24), and (not on gsm8k) 4 value-guided samples, the 2 answers chosen from
-    # them and the answers of the beams by V and by Q
-    per_model = 12 * (1 + 2) + 8 * (1 + 2) + n_aime * (1 + 4) + (12 + n_aime) * (4 + 2 + 2)
+    # them by V, by Q and by vote, and the answers of the beams by V and by Q
+    per_model = 12 * (1 + 2) + 8 * (1 + 2) + n_aime * (1 + 4) + (12 + n_aime) * (4 + 3 + 2)
     assert len(samples) == 2 * per_model
     assert set(samples["score"]) <= {0.0, 1.0}
     assert set(summary) == {"random", "trained"}
-    decodings = ("greedy", "sample", "sample x4", "best-of-4 (V)", "majority@4", "value beam 2x2", "Q beam 2x2")
+    decodings = ("greedy", "sample", "sample x4", "best-of-4 (V)", "best-of-4 (Q)", "majority@4")
+    decodings += ("value beam 2x2", "Q beam 2x2")
     assert set(summary["trained"]) == {f"{d} {m}" for d in ("synthetic", "aime24") for m in decodings} | {
         "gsm8k greedy",
         "gsm8k sample",
     }  # evaluate.value.sets: not on gsm8k
     # best-of-N takes the sample of highest final value, majority the most frequent answer, of the same 4
-    guided = samples[samples["decoding"].isin(["sample x4", "best-of-4 (V)", "majority@4"])]
-    for _, g in guided.groupby(["model", "dataset", "uid"]):
+    guided = samples[samples["decoding"].isin(["sample x4", "best-of-4 (V)", "best-of-4 (Q)", "majority@4"])]
+    q_spread = {"random": [], "trained": []}
+    for (model, _, _), g in guided.groupby(["model", "dataset", "uid"]):
         pool = g[g["decoding"] == "sample x4"]
         best, voted = g[g["decoding"] == "best-of-4 (V)"].iloc[0], g[g["decoding"] == "majority@4"].iloc[0]
         assert len(pool) == 4 and best["value"] == pool["value"].max()
+        assert g[g["decoding"] == "best-of-4 (Q)"].iloc[0]["q_value"] == pool["q_value"].max()
+        q_spread[model].append(np.ptp(pool["q_value"]))
         counts = pool["pred"].value_counts()
         assert voted["sample"] == 0 if counts.empty else counts[voted["pred"]] == counts.max()  # no answers: the first
         assert g["tokens"].nunique() == 1 and g["tokens"].iloc[0] >= pool["response"].str.len().sum() > 0
+    # Q of a whole response is V(s_0) + beta * its log-ratio: V(s_0) alone for the policy that is the reference
+    assert max(q_spread["random"]) < 1e-5 < max(q_spread["trained"])
     for by in ("value", "Q"):
         beams = samples[samples["decoding"] == f"{by} beam 2x2"]
         assert (beams["tokens"] >= beams["response"].str.len()).all() and beams["value"].notna().all()
@@ -202,7 +209,8 @@ def test_evaluate_tiny_models_on_local_files(ray_session, tiny_models, trained_t
     right = samples[
         (samples["model"] == "trained") & (samples["dataset"] == "synthetic") & (samples["decoding"] == "sample x4")
     ]
-    assert ("value_auroc" in synthetic) == (right["score"].nunique() == 2) and "pass@2" in synthetic
+    mixed = right["score"].nunique() == 2
+    assert ("value_auroc" in synthetic) == mixed == ("q_auroc" in synthetic) and "pass@2" in synthetic
     assert summary["trained"]["synthetic best-of-4 (V)"]["tokens_per_problem"] == synthetic["tokens_per_problem"] > 0
     assert summary["trained"]["synthetic sample"]["seeds"] == 2
     assert "pass@2" in summary["trained"]["aime24 sample"]

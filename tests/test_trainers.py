@@ -2,6 +2,7 @@
 
 import pandas as pd
 import pytest
+import torch
 
 from dqo_verl.cli import InputError, compose_config
 from dqo_verl.data import epoch_batches, preference_pairs
@@ -106,3 +107,14 @@ def test_baseline_methods_train_on_rows_of_their_own(tiny_models, tiny_corpus):
 
     with pytest.raises(InputError, match=r"32 units of 2\), fewer than data.train_batch_size=64"):
         make_trainer(cfg(tiny_models, tiny_corpus, "algorithm.name=dpo", "data.train_batch_size=64"))
+
+
+def test_critic_warmup_updates_only_the_value_for_its_first_steps(tiny_models, tiny_corpus):
+    trainer = make_trainer(cfg(tiny_models, tiny_corpus, "trainer.critic_warmup=2"))
+    td = trainer.make_batch(trainer.corpus.iloc[:4])
+    td["ref_logprobs"] = torch.zeros(td["response_mask"].shape)
+    trainer.forward = lambda td, roles, step: {role: torch.zeros(td["response_mask"].shape) for role in roles}
+    seen = []
+    trainer.train = lambda fields, td, step, **meta: seen.append(sorted(fields)) or {}
+    warm = [trainer.update(td, step)["dqo/critic_warmup"] for step in range(3)]
+    assert seen == [["value"], ["value"], ["policy", "value"]] and warm == [1.0, 1.0, 0.0]
