@@ -99,7 +99,8 @@ def test_short_demo_end_to_end(tmp_path):
     assert again.strip().splitlines()[-1] == last  # the same evaluation, reported again
 
     # one more round of iterative DQO (`make iterate ROUNDS=2`): round 1 is this run, found up to date; round 2
-    # samples a corpus from round 1's policy on the same prompts and continues DQO from its policy and value
+    # samples a corpus from round 1's policy on the same prompts and continues DQO from its policy and value,
+    # round 1's policy as the reference
     cmd = [sys.executable, "-m", "dqo_verl.iterate", "+recipe=tiny_cpu", f"paths.root={root}", *SHORT]
     cmd += ["evaluate.sampling.seeds=[0,1]", "report.value_curves=false", "iterate.rounds=2"]
     it = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
@@ -115,7 +116,7 @@ def test_short_demo_end_to_end(tmp_path):
     ):
         inputs = json.loads(record.read_text())["inputs"]
         assert all(str(path) in inputs for path in reads), inputs
-    assert str(root / "assets" / "policy") in inputs  # the original reference model
+    assert str(root / "assets" / "policy") not in inputs  # the reference is round 1's policy, not the original
     after = AutoModelForCausalLM.from_pretrained(round2 / "run" / "export" / "policy")
     assert not torch.equal(after.lm_head.weight, policy.lm_head.weight)  # round 2 trained on
     table = pd.read_csv(root / "iterate" / "table.csv")
