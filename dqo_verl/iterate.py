@@ -18,6 +18,7 @@ accuracy of its policy; row 0 is the base) and `accuracy.png`.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import time
 from pathlib import Path
@@ -35,6 +36,16 @@ from dqo_verl.cli import InputError, compose_config, entry_point, raw_overrides
 SHARED_DATA = ("prompts.parquet", "sft.parquet", "dev.parquet")
 REFERENCES = ("original", "last")
 STATS = ("responses", "right %", "prompts with a right answer %", "response tokens")
+
+
+def share(src: Path, dst: Path) -> None:
+    """`dst` becomes a copy of `src` all at once: a hard link, or a copy renamed into place."""
+    try:
+        os.link(src, dst)
+    except OSError:
+        tmp = dst.with_name(f".{dst.name}.tmp")
+        shutil.copyfile(src, tmp)
+        os.replace(tmp, dst)
 
 
 def round_stages(cfg: DictConfig) -> list[str]:
@@ -147,7 +158,7 @@ def run(cfg: DictConfig) -> pd.DataFrame:
             data.mkdir(parents=True, exist_ok=True)
             for name in SHARED_DATA:
                 if (Path(first.paths.data) / name).exists() and not (data / name).exists():
-                    shutil.copyfile(Path(first.paths.data) / name, data / name)
+                    share(Path(first.paths.data) / name, data / name)
             pipeline.run_pipeline(rcfg)
             rows.append(
                 {
