@@ -45,6 +45,14 @@ def overridden_keys(overrides: list[str]) -> list[str]:
     return [o.split("=", 1)[0].lstrip("+") for o in overrides if "=" in o and not o.startswith("~")]
 
 
+def with_command_line(config: DictConfig, section: str) -> DictConfig:
+    """`config` with `<section>.recipe` and `<section>.overrides` set from the running command's recipe and
+    overrides: what a command that composes runs of its own (compare, iterate) passes on to each."""
+    choices = HydraConfig.get().runtime.choices if HydraConfig.initialized() else {}
+    overrides = [o for o in HydraConfig.get().overrides.task if not o.startswith("+recipe=")]
+    return OmegaConf.merge(config, {section: {"recipe": choices.get("recipe"), "overrides": overrides}})
+
+
 def raw_overrides(section: DictConfig) -> list[str]:
     """`section.overrides` (a command line's overrides kept in the config) as typed: `${paths.data}/x` stays an
     interpolation for the config it is applied to, not the value it had where it was stored."""

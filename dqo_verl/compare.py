@@ -24,12 +24,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import ray
-from hydra.core.hydra_config import HydraConfig
 from matplotlib.figure import Figure
 from omegaconf import DictConfig, OmegaConf
 
 from dqo_verl import evaluate, pipeline
-from dqo_verl.cli import InputError, compose_config, entry_point, raw_overrides
+from dqo_verl.cli import InputError, compose_config, entry_point, raw_overrides, with_command_line
 
 
 def slug(label: str) -> str:
@@ -166,10 +165,7 @@ def run(cfg: DictConfig) -> pd.DataFrame:
 
 def main(cfg: DictConfig) -> pd.DataFrame:
     """The command: the recipe's name and the command line's overrides go to every run's config."""
-    choices = HydraConfig.get().runtime.choices if HydraConfig.initialized() else {}
-    overrides = [o for o in HydraConfig.get().overrides.task if not o.startswith("+recipe=")]
-    cfg = OmegaConf.merge(cfg, {"compare": {"recipe": choices.get("recipe"), "overrides": overrides}})
-    return run(cfg)
+    return run(with_command_line(cfg, "compare"))
 
 
 cli = entry_point(main)

@@ -25,12 +25,11 @@ from pathlib import Path
 
 import pandas as pd
 import ray
-from hydra.core.hydra_config import HydraConfig
 from matplotlib.figure import Figure
 from omegaconf import DictConfig, OmegaConf
 
 from dqo_verl import evaluate, pipeline
-from dqo_verl.cli import InputError, compose_config, entry_point, raw_overrides
+from dqo_verl.cli import InputError, compose_config, entry_point, raw_overrides, with_command_line
 
 # what evaluation keeps out of generated test sets (evaluate.seen_questions): every round gets round 1's copy
 SHARED_DATA = ("prompts.parquet", "sft.parquet", "dev.parquet")
@@ -184,10 +183,7 @@ def run(cfg: DictConfig) -> pd.DataFrame:
 
 def main(cfg: DictConfig) -> pd.DataFrame:
     """The command: the recipe's name and the command line's overrides go to every round's config."""
-    choices = HydraConfig.get().runtime.choices if HydraConfig.initialized() else {}
-    overrides = [o for o in HydraConfig.get().overrides.task if not o.startswith("+recipe=")]
-    cfg = OmegaConf.merge(cfg, {"iterate": {"recipe": choices.get("recipe"), "overrides": overrides}})
-    return run(cfg)
+    return run(with_command_line(cfg, "iterate"))
 
 
 cli = entry_point(main)
