@@ -48,8 +48,9 @@ def overridden_keys(overrides: list[str]) -> list[str]:
 def with_command_line(config: DictConfig, section: str) -> DictConfig:
     """`config` with `<section>.recipe` and `<section>.overrides` set from the running command's recipe and
     overrides: what a command that composes runs of its own (compare, iterate) passes on to each."""
-    choices = HydraConfig.get().runtime.choices if HydraConfig.initialized() else {}
-    overrides = [o for o in HydraConfig.get().overrides.task if not o.startswith("+recipe=")]
+    hydra_cfg = HydraConfig.get() if HydraConfig.initialized() else None
+    choices = hydra_cfg.runtime.choices if hydra_cfg else {}
+    overrides = [o for o in (hydra_cfg.overrides.task if hydra_cfg else []) if not o.startswith("+recipe=")]
     return OmegaConf.merge(config, {section: {"recipe": choices.get("recipe"), "overrides": overrides}})
 
 

@@ -38,13 +38,32 @@ STATS = ("responses", "right %", "prompts with a right answer %", "response toke
 
 
 def share(src: Path, dst: Path) -> None:
-    """`dst` becomes a copy of `src` all at once: a hard link, or a copy renamed into place."""
+    """`dst` becomes `src` (a hard link, else a copy), all at once; nothing to do if it already is that file."""
+    if dst.exists() and os.path.samefile(src, dst):
+        return
+    tmp = dst.with_name(f".{dst.name}.tmp")
+    tmp.unlink(missing_ok=True)
     try:
-        os.link(src, dst)
+        os.link(src, tmp)
     except OSError:
-        tmp = dst.with_name(f".{dst.name}.tmp")
         shutil.copyfile(src, tmp)
-        os.replace(tmp, dst)
+    os.replace(tmp, dst)
+
+
+def round_config(first: DictConfig, r: int) -> DictConfig:
+    """Round `r`'s config (r > 1), checked: every stage it runs writes inside the round's folder, and it trains
+    on the corpus it samples."""
+    it = first.iterate
+    cfg = compose_config(it.recipe, [*raw_overrides(it), *round_overrides(first, r, it.reference)])
+    folder = (Path(it.out_dir) / f"round{r}").resolve()
+    paths = [("train", "read", cfg.data.train_files)]
+    for stage in pipeline.make_plan(cfg, list(cfg.pipeline.stages)).stages:
+        if stage.name != "prompts":  # round 1's, shared
+            paths += [(stage.name, "write", path) for path in [*stage.outputs(cfg), *stage.partial(cfg)]]
+    for stage, verb, path in paths:
+        if not Path(path).resolve().is_relative_to(folder):
+            raise InputError(f"iterate round {r}: the {stage} stage would {verb} {path}, outside {folder}")
+    return cfg
 
 
 def round_stages(cfg: DictConfig) -> list[str]:
@@ -60,8 +79,14 @@ def round_overrides(first: DictConfig, r: int, reference: str) -> list[str]:
     previous = Path(first.trainer.output_dir) if r == 2 else Path(first.iterate.out_dir) / f"round{r - 1}" / "run"
     export = folder / "run" / "export"
     overrides = [
+        # every file a round writes is in its folder, whatever the command line set for round 1
+        f"paths.root={first.paths.root}",
         f"paths.data={folder / 'data'}",
+        f"data.train_files={folder / 'data' / Path(first.data.train_files).name}",
+        "data.ref_cache_file=null",
         f"trainer.output_dir={folder / 'run'}",
+        f"trainer.default_local_dir={folder / 'run' / 'checkpoints'}",
+        "trainer.tensorboard_dir=null",
         f"trainer.experiment_name={first.trainer.experiment_name}_round{r}",
         f"policy.model.path={previous / 'export' / 'policy'}",
         f"value.model.path={previous / 'export' / 'value'}",
@@ -143,6 +168,7 @@ def run(cfg: DictConfig) -> pd.DataFrame:
         stages = list(dict.fromkeys([*cfg.pipeline.stages, "train", "eval"]))
         first = OmegaConf.merge(cfg, {"pipeline": {"stages": stages}})
         base_name, trained_name = first_round_names(first)
+        later = {r: round_config(first, r) for r in range(2, it.rounds + 1)}  # bad settings fail before any work
         print(f"[iterate] round 1/{it.rounds}: the recipe's pipeline ({time.time() - start:.0f}s so far)")
         pipeline.run_pipeline(first)
         summary = evaluate.out_dir(first) / "summary.json"
@@ -152,11 +178,11 @@ def run(cfg: DictConfig) -> pd.DataFrame:
         rows.append({"round": 1, "model": trained_name, **stats, **accuracies(summary, trained_name)})
         for r in range(2, it.rounds + 1):
             print(f"[iterate] round {r}/{it.rounds} ({time.time() - start:.0f}s so far)")
-            rcfg = compose_config(it.recipe, [*raw_overrides(it), *round_overrides(first, r, it.reference)])
+            rcfg = later[r]
             data = Path(rcfg.paths.data)
             data.mkdir(parents=True, exist_ok=True)
             for name in SHARED_DATA:
-                if (Path(first.paths.data) / name).exists() and not (data / name).exists():
+                if (Path(first.paths.data) / name).exists():
                     share(Path(first.paths.data) / name, data / name)
             pipeline.run_pipeline(rcfg)
             rows.append(

@@ -86,6 +86,14 @@ def _generated_eval_sets(cfg: DictConfig) -> bool:
     return any(name in ("synthetic", "reasoning_gym") for name in cfg.evaluate.sets)
 
 
+def _value_models(cfg: DictConfig) -> list[str]:
+    """The models value-guided evaluation reads: the value model, and Q's reference when ranking by Q."""
+    v = cfg.evaluate.value
+    if not v.model:
+        return []
+    return [v.model, *([v.reference or cfg.ref.path] if "q" in v.by else [])]
+
+
 def train(cfg: DictConfig) -> dict:
     """The `train` stage (`python -m dqo_verl.main`): `algorithm.name` on `data.train_files`; the last metrics."""
     trainer = make_trainer(cfg)  # bad input fails here, before Ray or any worker starts
@@ -202,8 +210,16 @@ STAGES: tuple[Stage, ...] = (
         inputs=lambda c: [
             *evaluate.models_and_names(c)[0],
             *(_data(c, "prompts.parquet") + _sft_texts(c) if _generated_eval_sets(c) else []),
+            *_value_models(c),
         ],
-        keys=("evaluate", "rollout.backend", "rollout.dtype", "data.max_prompt_length", "trainer.seed"),
+        keys=(
+            "evaluate",
+            "rollout.backend",
+            "rollout.dtype",
+            "data.max_prompt_length",
+            "trainer.seed",
+            "algorithm.beta",  # Q's
+        ),
     ),
     Stage(
         "report",

@@ -54,6 +54,11 @@ class DQOTrainer(Trainer):
         self.is_policy = self.default_is_weights if a.is_policy is None else bool(a.is_policy)
         self.is_value = self.default_is_weights if a.is_value is None else bool(a.is_value)
         super().__init__(config, corpus)
+        if config.trainer.critic_warmup >= self.total_steps:
+            raise InputError(
+                f"trainer.critic_warmup={config.trainer.critic_warmup} leaves none of the run's {self.total_steps} "
+                "updates to the policy"
+            )
 
     def loss_fn(self, role: str) -> Callable:
         if role == "policy":

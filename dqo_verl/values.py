@@ -56,15 +56,22 @@ def forward_values(model, prompts: list[list[int]], responses: list[list[int]], 
 
 
 def forward_logprobs(model, prompts: list[list[int]], responses: list[list[int]], pad_token_id: int) -> list:
-    """log p(response token t | prompt, response tokens < t) of each (prompt, response), one right-padded forward."""
+    """log p(response token t | prompt, response tokens < t) of each (prompt, response): one right-padded forward
+    of the decoder, then the LM head (and the model's logit soft-cap, if any) on one response's states at a time,
+    so the logits held are one response's, not the batch's."""
     ids, mask = _right_padded(prompts, responses, pad_token_id)
+    head, cap = model.get_output_embeddings(), getattr(model.config, "final_logit_softcapping", None)
     with torch.no_grad():
-        logits = model(input_ids=ids.to(model.device), attention_mask=mask.to(model.device)).logits
-    out = []
-    for i, (p, r) in enumerate(zip(prompts, responses)):
-        logp = torch.log_softmax(logits[i, len(p) - 1 : len(p) + len(r) - 1].float(), dim=-1)
-        out.append(logp.gather(-1, ids[i, len(p) : len(p) + len(r), None].to(logp.device))[:, 0].cpu().numpy())
-    return [o.astype(np.float64) for o in out]
+        hidden = model.base_model(input_ids=ids.to(model.device), attention_mask=mask.to(model.device))[0]
+        out = []
+        for i, (p, r) in enumerate(zip(prompts, responses)):
+            logits = head(hidden[i, len(p) - 1 : len(p) + len(r) - 1]).float()
+            if cap is not None:
+                logits = torch.tanh(logits / cap) * cap
+            logp = torch.log_softmax(logits, dim=-1)
+            token = ids[i, len(p) : len(p) + len(r), None].to(logp.device)
+            out.append(logp.gather(-1, token)[:, 0].cpu().numpy().astype(np.float64))
+    return out
 
 
 class ValueWorker(Worker):
@@ -96,15 +103,18 @@ class ValueWorker(Worker):
     def values(self, data: DataProto) -> DataProto:
         prompts, responses = data.non_tensor_batch["prompt_ids"], data.non_tensor_batch["response_ids"]
         size = self.config["batch_size"]
+        ratios = data.meta_info.get("log_ratios", False)
+        if ratios and self.policies is None:
+            raise RuntimeError("log-ratios asked before load_policies")
         values, log_ratios = [], []
         for i in range(0, len(prompts), size):
             batch = (prompts[i : i + size], responses[i : i + size], self.pad_token_id)
             values += forward_values(self.model, *batch)
-            if self.policies is not None:
+            if ratios:
                 policy, reference = (forward_logprobs(m, *batch) for m in self.policies)
                 log_ratios += [a - b for a, b in zip(policy, reference)]
         out = {"values": objects(values)}
-        if self.policies is not None:
+        if ratios:
             out["log_ratios"] = objects(log_ratios)
         return DataProto.from_single_dict(out)
 
@@ -128,12 +138,13 @@ class ValueGroup:
         """Serve log(pi/pi_ref) of `policy` against `reference` too (`values_and_log_ratios`)."""
         Call("value", self.group.load_policies(policy, reference)).result(f"loading {policy} and {reference}")
 
-    def _values(self, prompt_ids: list[list[int]], response_ids: list[list[int]]) -> dict:
+    def _values(self, prompt_ids: list[list[int]], response_ids: list[list[int]], log_ratios: bool = False) -> dict:
         data = DataProto.from_single_dict(
             {
                 "prompt_ids": objects([list(p) for p in prompt_ids]),
                 "response_ids": objects([list(r) for r in response_ids]),
             },
+            meta_info={"log_ratios": log_ratios},
             auto_padding=True,
         )
         out = Call("value", self.group.values(data)).result(f"computing values of {len(prompt_ids)} responses")
@@ -147,7 +158,7 @@ class ValueGroup:
         self, prompt_ids: list[list[int]], response_ids: list[list[int]]
     ) -> tuple[list[np.ndarray], list[np.ndarray]]:
         """V(s_0..s_T) and log(pi/pi_ref) of response tokens 0..T-1 of each response (after `load_policies`)."""
-        out = self._values(prompt_ids, response_ids)
+        out = self._values(prompt_ids, response_ids, log_ratios=True)
         return out["values"], out["log_ratios"]
 
     def shutdown(self) -> None:

@@ -83,3 +83,30 @@ def test_round_one_must_evaluate_the_trained_policy(tmp_path):
     assert iterate.first_round_names(first) == ("base", "dqo")
     with pytest.raises(InputError, match="must include the trained policy"):
         iterate.first_round_names(first_round(tmp_path, "evaluate.models=[a/b]", "evaluate.names=[x]"))
+
+
+def test_a_literal_corpus_path_on_the_command_line_still_gives_each_round_its_own(tmp_path, monkeypatch):
+    first = first_round(tmp_path, f"data.train_files={tmp_path}/data/corpus.parquet")
+    cfg = iterate.round_config(first, 2)
+    assert Path(cfg.data.train_files) == tmp_path / "iterate" / "round2" / "data" / "corpus.parquet"
+    # the guard: a round that would train on another round's corpus is refused before any work
+    keep = iterate.round_overrides
+    monkeypatch.setattr(
+        iterate, "round_overrides", lambda *a: [o for o in keep(*a) if not o.startswith("data.train_files=")]
+    )
+    with pytest.raises(InputError, match="iterate round 2: the train stage would read .*/data/corpus.parquet, outside"):
+        iterate.round_config(first, 2)
+
+
+def test_share_links_once_and_follows_a_remade_source(tmp_path):
+    src, dst = tmp_path / "a.parquet", tmp_path / "round" / "a.parquet"
+    dst.parent.mkdir()
+    src.write_text("one")
+    iterate.share(src, dst)
+    iterate.share(src, dst)  # already that file: nothing to do
+    assert dst.read_text() == "one" and dst.stat().st_ino == src.stat().st_ino
+    tmp = tmp_path / "new"
+    tmp.write_text("two")
+    tmp.replace(src)  # round 1's file remade (atomically, as the stages write)
+    iterate.share(src, dst)
+    assert dst.read_text() == "two" and not list(dst.parent.glob(".*"))

@@ -110,7 +110,7 @@ def test_baseline_methods_train_on_rows_of_their_own(tiny_models, tiny_corpus):
 
 
 def test_critic_warmup_updates_only_the_value_for_its_first_steps(tiny_models, tiny_corpus):
-    trainer = make_trainer(cfg(tiny_models, tiny_corpus, "trainer.critic_warmup=2"))
+    trainer = make_trainer(cfg(tiny_models, tiny_corpus, "trainer.critic_warmup=2", "trainer.total_epochs=2"))
     td = trainer.make_batch(trainer.corpus.iloc[:4])
     td["ref_logprobs"] = torch.zeros(td["response_mask"].shape)
     trainer.forward = lambda td, roles, step: {role: torch.zeros(td["response_mask"].shape) for role in roles}
@@ -118,3 +118,5 @@ def test_critic_warmup_updates_only_the_value_for_its_first_steps(tiny_models, t
     trainer.train = lambda fields, td, step, **meta: seen.append(sorted(fields)) or {}
     warm = [trainer.update(td, step)["dqo/critic_warmup"] for step in range(3)]
     assert seen == [["value"], ["value"], ["policy", "value"]] and warm == [1.0, 1.0, 0.0]
+    with pytest.raises(InputError, match="critic_warmup=2 leaves none of the run's 2 updates to the policy"):
+        make_trainer(cfg(tiny_models, tiny_corpus, "trainer.critic_warmup=2"))
