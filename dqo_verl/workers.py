@@ -81,7 +81,7 @@ def wait(refs: list, group: str, what: str) -> list:
         ready, pending = ray.wait(pending, num_returns=1)
         try:
             ray.get(ready[0])
-        except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError) as exc:
+        except ray.exceptions.RayError as exc:  # a task's own error, a dead actor, a lost object
             raise RunError(f"worker group '{group}' failed {what}: {type(exc).__name__}: {exc}") from exc
     return ray.get(list(refs))
 
@@ -169,7 +169,7 @@ class Group:
         return self.call("infer_batch", with_meta(td, compute_loss=False, **meta)).result(what)
 
     def save(self, path: str, step: int) -> None:
-        self.call("save_checkpoint", local_path=path, global_step=step).result(f"saving {path}")
+        self.call("save_checkpoint", local_path=path, global_step=step).result(f"at step {step}, saving {path}")
 
     def load(self, path: str) -> None:
         self.call("load_checkpoint", local_path=path).result(f"loading {path}")

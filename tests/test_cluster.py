@@ -193,7 +193,8 @@ def test_a_killed_worker_stops_the_driver_naming_its_group(cluster, tiny_models,
             os.killpg(proc.pid, signal.SIGKILL)
     text = log.read_text()
     assert code != 0
-    assert re.search(r"error: worker group '(policy|value)' failed at step \d+: (Ray|Actor)\w*Error", text), text[
+    # the kill lands during an update or, on a slow machine, while a later checkpoint is written
+    assert re.search(r"error: worker group '(policy|value)' failed at step \d+(, saving \S+)?: \w*Error", text), text[
         -3000:
     ]
     step = tracker_step(out)
