@@ -24,6 +24,7 @@ SHORT = [
     "dataset.limit=16",
     "rollout.n=4",
     "rollout.max_tokens=64",
+    "rollout.backend=hf",  # vLLM's engine is tested in test_corpus.py; a stage starts engines faster without it
     "process.k=2",
     "evaluate.datasets.synthetic.limit=24",
     "evaluate.max_tokens=64",
