@@ -302,6 +302,13 @@ def make_plan(cfg: DictConfig, targets: list[str], stages: tuple[Stage, ...] = S
         if name not in wanted:
             wanted.add(name)
             todo += [producer[_abs(i)] for i in by_name[name].inputs(cfg) if _abs(i) in producer]
+    for name in wanted:  # a stage that reads what it writes would clear its own input before it runs
+        own = {_abs(o) for o in by_name[name].outputs(cfg)} & {_abs(i) for i in by_name[name].inputs(cfg)}
+        if own:
+            raise InputError(
+                f"pipeline: the {name} stage would overwrite its own input {sorted(own)[0]}; "
+                f"give the {name} stage another output folder or give it a copy as input"
+            )
     return Plan([s for s in stages if s.name in wanted], producer)
 
 

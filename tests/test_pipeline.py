@@ -194,6 +194,10 @@ def test_the_recipes_plan_their_stages_from_inputs_and_outputs():
         "eval",
         "report",
     ]
+    # a policy read from the run's own export: planning `process` needs `train`, which would clear that export
+    looped = compose_config("tiny_cpu", ["policy.model.path=outputs/tiny_cpu/run/export/policy", "sft=null"])
+    with pytest.raises(InputError, match=r"the train stage would overwrite its own input .*run/export/policy"):
+        make_plan(looped, ["process"])
     plain = compose_config("qwen2_gsm8k")
     assert [s.name for s in make_plan(plain, ["train"]).stages] == ["prompts", "corpus", "score", "train"]
     keys = pipeline.config_values(tiny, ("rollout.n", "models.base"))
