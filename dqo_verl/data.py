@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 from tensordict import TensorDict
@@ -27,6 +28,8 @@ from dqo_verl import algo
 from dqo_verl.cli import InputError
 
 REQUIRED_COLUMNS = ("prompt_ids", "response_ids", "score")
+# rows per parquet row group in what we write: a trainer reading an update's rows decodes the groups they lie in
+ROW_GROUP_ROWS = 256
 LIST_COLUMNS = ("prompt_ids", "response_ids", "segment_ends", "process_rewards", "ref_logprobs")
 
 
@@ -38,94 +41,150 @@ class CorpusError(InputError):
         super().__init__(f"{where}, field '{field}': {problem}")
 
 
-def read_corpus(path: str | os.PathLike) -> pd.DataFrame:
-    """Read a corpus parquet (raises CorpusError naming the file if it is missing or unreadable)."""
-    path = Path(path).expanduser()
-    if not path.exists():
-        raise CorpusError(path, None, "data.train_files", "file does not exist")
-    try:
-        return pd.read_parquet(path)
-    except Exception as exc:  # noqa: BLE001 - any reader failure is a bad input file
-        raise CorpusError(path, None, "data.train_files", f"not a readable parquet file ({exc})") from exc
-
-
-def _first(bad: np.ndarray) -> int | None:
+def _first(bad) -> int | None:
     """Index of the first True, or None."""
-    hits = np.flatnonzero(bad)
+    hits = np.flatnonzero(np.asarray(bad, dtype=bool))
     return int(hits[0]) if len(hits) else None
 
 
-def _is_list(values: pd.Series) -> np.ndarray:
-    return values.map(lambda v: isinstance(v, (list, tuple, np.ndarray))).to_numpy(dtype=bool)
+def _as_arrow(df: pd.DataFrame, path) -> pa.Table:
+    """The checked columns of `df` as an arrow table; a column of mixed kinds of value names its first odd row."""
+    columns = {}
+    for column in [c for c in (*LIST_COLUMNS, "score") if c in df.columns]:
+        values = df[column]
+        try:
+            columns[column] = pa.array(values, from_pandas=False)
+        except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError, ValueError, OverflowError) as exc:
+            if column == "score":
+                row = _first(values.map(lambda s: not isinstance(s, (int, float, np.number)) or isinstance(s, bool)))
+                problem = f"expected a number, got {type(values.iloc[row]).__name__}"
+            else:
+                is_list = values.map(lambda v: isinstance(v, (list, tuple, np.ndarray))).to_numpy(dtype=bool)
+                row = _first(~is_list & ~values.isna().to_numpy(dtype=bool))
+                problem = f"expected a list, got {type(values.iloc[row]).__name__}" if row is not None else None
+                if row is None:
+                    row, problem = _first(is_list), "expected a list of numbers"
+            raise CorpusError(path, row, column, problem) from exc
+    return pa.table(columns)
 
 
-def _flat(values: pd.Series) -> tuple[np.ndarray, np.ndarray]:
-    """All entries of a column of lists, concatenated, and the row of each entry."""
-    lengths = values.map(len).to_numpy()
-    flat = np.concatenate([np.asarray(v) for v in values]) if lengths.sum() else np.zeros(0)
-    return flat, np.repeat(np.arange(len(values)), lengths)
+def _array(table: pa.Table, column: str) -> pa.Array:
+    chunks = table[column].chunks
+    return pa.concat_arrays(chunks) if chunks else pa.array([], table.schema.field(column).type)
 
 
-def validate_corpus(
-    df: pd.DataFrame, path, required: tuple[str, ...] = REQUIRED_COLUMNS, vocab_size: int | None = None
-) -> None:
-    """Check columns, types and values before any worker starts; the first problem raises CorpusError.
+def _is_list_type(typ: pa.DataType) -> bool:
+    return pa.types.is_list(typ) or pa.types.is_large_list(typ) or pa.types.is_fixed_size_list(typ)
+
+
+def _lengths(values: pa.Array) -> np.ndarray:
+    """Each row's list length; -1 for a null row."""
+    return pc.list_value_length(values).fill_null(-1).to_numpy(zero_copy_only=False).astype(np.int64)
+
+
+def _flat(values: pa.Array) -> tuple[pa.Array, np.ndarray]:
+    """All entries of a list array, concatenated, and the row of each entry."""
+    return pc.list_flatten(values), pc.list_parent_indices(values).to_numpy(zero_copy_only=False)
+
+
+def validate_table(table: pa.Table, path, required=REQUIRED_COLUMNS, vocab_size: int | None = None, offset: int = 0):
+    """Vectorised checks of corpus rows (the first is corpus row `offset`); the first problem raises CorpusError.
 
     Token ids must lie in [0, vocab_size) when `vocab_size` is given (the model's embedding rows): an id
-    outside it would fail inside a worker, mid-run.
+    outside it would fail inside a worker, mid-run. None is allowed in the optional list columns (that row has none).
     """
+
+    def fail(row: int, column: str, problem: str):
+        raise CorpusError(path, offset + row, column, problem)
+
+    for column in required:
+        if column not in table.column_names:
+            raise CorpusError(path, None, column, f"missing column (have: {', '.join(table.column_names)})")
+    cols = {c: _array(table, c) for c in (*LIST_COLUMNS, "score") if c in table.column_names}
+    for column in LIST_COLUMNS:
+        if column not in cols:
+            continue
+        values = cols[column]
+        if column in ("prompt_ids", "response_ids") and (row := _first(values.is_null())) is not None:
+            fail(row, column, "expected a list, got NoneType")
+        if not (_is_list_type(values.type) or pa.types.is_null(values.type)):
+            row = _first(values.is_valid())
+            fail(row, column, f"expected a list, got {type(values[row].as_py()).__name__}")
+        if (
+            _is_list_type(values.type)
+            and not (pa.types.is_integer(values.type.value_type) or pa.types.is_floating(values.type.value_type))
+            and len(pc.list_flatten(values))
+        ):
+            fail(_first(_lengths(values) > 0), column, "expected a list of numbers")
+    n = {}
+    for column in ("prompt_ids", "response_ids"):
+        values = cols[column]
+        n[column] = _lengths(values)
+        if (row := _first(n[column] == 0)) is not None:
+            fail(row, column, "empty token list")
+        ids, row_of = _flat(values)
+        if not pa.types.is_integer(ids.type):
+            whole = pc.equal(ids, pc.floor(ids)).to_numpy(zero_copy_only=False)
+            fail(
+                int(row_of[i]) if (i := _first(~whole)) is not None else _first(n[column] > 0),
+                column,
+                "token ids must be integers",
+            )
+        ids = ids.to_numpy(zero_copy_only=False)
+        out_of_range = (ids < 0) | (ids >= vocab_size) if vocab_size is not None else ids < 0
+        if (i := _first(out_of_range)) is not None:
+            limit = f"[0, {vocab_size})" if vocab_size is not None else "[0, vocab size)"
+            fail(int(row_of[i]), column, f"token id {int(ids[i])} outside the vocabulary {limit}")
+    if "score" in cols:
+        scores = cols["score"]
+        if (row := _first(scores.is_null())) is not None:  # how parquet stores pandas' NaN
+            fail(row, "score", "reward is missing (null or nan)")
+        if not (pa.types.is_integer(scores.type) or pa.types.is_floating(scores.type)):
+            fail(0, "score", f"expected a number, got {type(scores[0].as_py()).__name__}")
+        values = scores.to_numpy(zero_copy_only=False).astype(np.float64)
+        if (row := _first(~np.isfinite(values))) is not None:
+            fail(row, "score", f"reward is {values[row]}")
+    response_len = n["response_ids"]
+    ends_len = _lengths(cols["segment_ends"]) if "segment_ends" in cols else np.full(len(table), -1)
+    if "segment_ends" in cols and _is_list_type(cols["segment_ends"].type):
+        ends, row_of = _flat(cols["segment_ends"])
+        ends = ends.to_numpy(zero_copy_only=False)
+        if (i := _first((ends < 0) | (ends >= response_len[row_of]))) is not None:
+            row = int(row_of[i])
+            fail(
+                row,
+                "segment_ends",
+                f"index outside the response (length {response_len[row]}): {cols['segment_ends'][row].as_py()}",
+            )
+    if "process_rewards" in cols:
+        rewards = cols["process_rewards"]
+        given = _lengths(rewards)
+        if (row := _first((given >= 0) & (given != ends_len))) is not None:
+            fail(row, "process_rewards", "needs one reward per segment_ends entry")
+        if _is_list_type(rewards.type):
+            flat, row_of = _flat(rewards)
+            if (i := _first(~np.isfinite(flat.to_numpy(zero_copy_only=False).astype(np.float64)))) is not None:
+                row = int(row_of[i])
+                fail(row, "process_rewards", f"non-finite reward in {rewards[row].as_py()}")
+    if "ref_logprobs" in cols:
+        logps = cols["ref_logprobs"]
+        given = _lengths(logps)
+        if (row := _first((given >= 0) & (given != response_len))) is not None:
+            fail(row, "ref_logprobs", f"{given[row]} values for {response_len[row]} response tokens")
+        if _is_list_type(logps.type):
+            flat, row_of = _flat(logps)
+            if (i := _first(~np.isfinite(flat.to_numpy(zero_copy_only=False).astype(np.float64)))) is not None:
+                fail(int(row_of[i]), "ref_logprobs", "non-finite log-probability")
+
+
+def validate_corpus(df: pd.DataFrame, path, required=REQUIRED_COLUMNS, vocab_size: int | None = None) -> None:
+    """`validate_table` on a frame (see there); a column of mixed kinds of value names its first odd row."""
     for column in required:
         if column not in df.columns:
             raise CorpusError(path, None, column, f"missing column (have: {', '.join(df.columns)})")
     if len(df) == 0:
         raise CorpusError(path, None, "response_ids", "the corpus has no rows")
-    present = [c for c in LIST_COLUMNS if c in df.columns]
-    for column in present:  # None is allowed in optional columns: that row has none
-        values = df[column]
-        optional = values.isna().to_numpy() if column not in ("prompt_ids", "response_ids") else np.zeros(len(df), bool)
-        if (row := _first(~_is_list(values) & ~optional)) is not None:
-            raise CorpusError(path, row, column, f"expected a list, got {type(values.iloc[row]).__name__}")
-    lengths = {}
-    for column in ("prompt_ids", "response_ids"):
-        lengths[column] = df[column].map(len).to_numpy()
-        if (row := _first(lengths[column] == 0)) is not None:
-            raise CorpusError(path, row, column, "empty token list")
-        ids, row_of = _flat(df[column])
-        if not np.issubdtype(ids.dtype, np.integer):
-            row = next(i for i, v in enumerate(df[column]) if not np.issubdtype(np.asarray(v).dtype, np.integer))
-            raise CorpusError(path, row, column, "token ids must be integers")
-        out_of_range = (ids < 0) | (ids >= vocab_size) if vocab_size is not None else ids < 0
-        if (i := _first(out_of_range)) is not None:
-            limit = f"[0, {vocab_size})" if vocab_size is not None else "[0, vocab size)"
-            raise CorpusError(path, int(row_of[i]), column, f"token id {int(ids[i])} outside the vocabulary {limit}")
-    if "score" in df.columns:
-        scores = df["score"]
-        numeric = scores.map(lambda s: isinstance(s, (int, float, np.integer, np.floating)) and not isinstance(s, bool))
-        if (row := _first(~numeric.to_numpy(dtype=bool))) is not None:
-            raise CorpusError(path, row, "score", f"expected a number, got {type(scores.iloc[row]).__name__}")
-        values = scores.to_numpy(dtype=np.float64)
-        if (row := _first(~np.isfinite(values))) is not None:
-            raise CorpusError(path, row, "score", f"reward is {values[row]}")
-    n = lengths["response_ids"]
-    for row, rec in enumerate(
-        df[[c for c in ("segment_ends", "process_rewards", "ref_logprobs") if c in df]].itertuples(index=False)
-    ):
-        rec = rec._asdict()
-        ends = rec.get("segment_ends")
-        if ends is not None and len(ends) and (min(ends) < 0 or max(ends) >= n[row]):
-            raise CorpusError(path, row, "segment_ends", f"index outside the response (length {n[row]}): {list(ends)}")
-        rewards = rec.get("process_rewards")
-        if rewards is not None:
-            if ends is None or len(rewards) != len(ends):
-                raise CorpusError(path, row, "process_rewards", "needs one reward per segment_ends entry")
-            if not np.isfinite(np.asarray(rewards, dtype=np.float64)).all():
-                raise CorpusError(path, row, "process_rewards", f"non-finite reward in {list(rewards)}")
-        logps = rec.get("ref_logprobs")
-        if logps is not None:
-            if len(logps) != n[row]:
-                raise CorpusError(path, row, "ref_logprobs", f"{len(logps)} values for {n[row]} response tokens")
-            if not np.isfinite(np.asarray(logps, dtype=np.float64)).all():
-                raise CorpusError(path, row, "ref_logprobs", "non-finite log-probability")
+    validate_table(_as_arrow(df, path), path, required, vocab_size)
 
 
 def apply_length_limits(
@@ -140,9 +199,9 @@ def apply_length_limits(
         raise ValueError(f"data.overlong must be 'truncate' or 'drop', got {overlong!r}")
     prompt_long = df["prompt_ids"].map(len) > max_prompt_length
     response_long = df["response_ids"].map(len) > max_response_length
-    stats = {"prompt_too_long_dropped": int(prompt_long.sum()), "response_too_long": int(response_long.sum())}
     df = df[~prompt_long]
     response_long = response_long[~prompt_long]
+    stats = {"prompt_too_long_dropped": int(prompt_long.sum()), "response_too_long": int(response_long.sum())}
     if overlong == "drop":
         df = df[~response_long]
     elif response_long.any():
@@ -162,7 +221,7 @@ def apply_length_limits(
 
 
 def write_parquet_atomic(df: pd.DataFrame, path: str | os.PathLike, metadata: dict | None = None) -> None:
-    """Write parquet to a temp file in the same folder, then rename over `path`."""
+    """Write parquet (row groups of ROW_GROUP_ROWS rows) to a temp file in the same folder, then rename over `path`."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     table = pa.Table.from_pandas(df, preserve_index=False)
@@ -171,7 +230,7 @@ def write_parquet_atomic(df: pd.DataFrame, path: str | os.PathLike, metadata: di
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
-        pq.write_table(table, tmp)
+        pq.write_table(table, tmp, row_group_size=ROW_GROUP_ROWS)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

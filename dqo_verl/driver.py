@@ -18,6 +18,7 @@ import os
 import shutil
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import ClassVar
 
@@ -40,7 +41,8 @@ from dqo_verl import ref_cache
 from dqo_verl.budget import check_budget
 from dqo_verl.checkpoints import COMPLETE_MARKER, CheckpointDir, epoch_checkpoints
 from dqo_verl.cli import InputError, RunError
-from dqo_verl.data import BatchSpec, apply_length_limits, build_batch, epoch_batches, read_corpus, validate_corpus
+from dqo_verl.data import BatchSpec, build_batch, epoch_batches
+from dqo_verl.trainset import LARGE_ROW_GROUP, CorpusScan, ParquetRows, TrainSet, open_corpus, scan_corpus
 from dqo_verl.workers import (
     Group,
     Role,
@@ -67,19 +69,30 @@ def vocab_size(paths: list[str]) -> int:
     return min(AutoConfig.from_pretrained(p).vocab_size for p in dict.fromkeys(paths))
 
 
-def load_corpus(config: DictConfig, required: tuple[str, ...], models: list[str]) -> pd.DataFrame:
-    """Read, check (token ids against the models' vocabulary) and length-limit the corpus; prints what was cut."""
+def load_corpus(config: DictConfig, required: tuple[str, ...], models: list[str]) -> tuple[ParquetRows, CorpusScan]:
+    """Open and check (token ids against the models' vocabulary) the corpus and apply its length limits, in one
+    streaming pass; prints what was cut. The rows stay on disk."""
     path = Path(config.data.train_files).expanduser()
-    corpus = read_corpus(path)
-    validate_corpus(corpus, path, required, vocab_size=vocab_size(models))
+    corpus = open_corpus(path)
     d = config.data
-    corpus, stats = apply_length_limits(corpus, d.max_prompt_length, d.max_response_length, d.overlong)
+    scan = scan_corpus(corpus, path, required, vocab_size(models), limits(config))
+    stats = scan.stats
     if stats["prompt_too_long_dropped"] or stats["response_too_long"]:
         print(
             f"[data] {stats['prompt_too_long_dropped']} rows dropped (prompt > {d.max_prompt_length} tokens); "
             f"{stats['response_too_long']} responses > {d.max_response_length} tokens ({d.overlong})"
         )
-    return corpus
+    if corpus.largest_group > LARGE_ROW_GROUP:
+        print(
+            f"[data] {path} has row groups of up to {corpus.largest_group} rows and each update decodes the row "
+            "groups it draws from: rewrite it with smaller ones (pyarrow row_group_size) to keep memory down"
+        )
+    return corpus, scan
+
+
+def limits(config: DictConfig) -> tuple[int, int, str]:
+    d = config.data
+    return d.max_prompt_length, d.max_response_length, d.overlong
 
 
 def set_config_dtype_to_weights(model_dir: Path) -> None:
@@ -133,7 +146,7 @@ class Trainer:
     unit_rows: ClassVar[int] = 1  # rows that stay together in one update (a DPO pair: 2)
     corpus_tag: ClassVar[str | None] = None  # names a method's own rows (`prepare_corpus`) in its reference cache
 
-    def __init__(self, config: DictConfig, corpus: pd.DataFrame | None = None):
+    def __init__(self, config: DictConfig):
         self.config = config
         self.device = get_device_name()
         self.out_dir = Path(config.trainer.output_dir)
@@ -143,8 +156,14 @@ class Trainer:
         keys = [f"{r}.model.path" for r in self.roles] + (["ref.path"] if self.uses_reference else [])
         budget = ["data.max_prompt_length", "data.max_response_length"]
         check_budget(config, f"{config.algorithm.name} training", budget, dict(zip(keys, models)))
-        self.corpus = corpus if corpus is not None else load_corpus(config, self.required_columns, models)
-        self.corpus = self.prepare_corpus(self.corpus)
+        reader, scan = load_corpus(config, self.required_columns, models)
+        units = self.prepare_corpus(scan.meta)
+        rows = units.index.to_numpy()
+        prompt_rows = units["prompt_row"].to_numpy() if "prompt_row" in units else rows
+        # the corpus's own reference log-probs serve only its rows under their own prompts; else the cache's
+        self.own_ref = scan.has_ref_logprobs and np.array_equal(rows, prompt_rows)
+        columns = [c for c in reader.columns if c != "ref_logprobs" or (self.uses_reference and self.own_ref)]
+        self.corpus = TrainSet(reader, rows, prompt_rows, limits(config), columns)
         self.corpus_path = Path(config.data.train_files).expanduser()
 
         self.batch_size = config.data.train_batch_size
@@ -178,6 +197,7 @@ class Trainer:
         self.pool = None
         self.groups: dict[str, Group] = {}
         self.history: list[dict] = []
+        self._epoch_order: tuple[int, list[np.ndarray]] = (-1, [])
 
     # ------------------------------------------------------------------ what a method supplies
 
@@ -186,7 +206,9 @@ class Trainer:
         raise NotImplementedError
 
     def prepare_corpus(self, corpus: pd.DataFrame) -> pd.DataFrame:
-        """The rows the method trains on, from the checked corpus (units of `unit_rows` consecutive rows)."""
+        """The rows the method trains on (units of `unit_rows` consecutive rows), chosen from the checked corpus's
+        per-row numbers (`trainset.CorpusScan.meta`: index = corpus row; uid, score, lengths): the rows of the
+        frame returned, in its order, each under the prompt of the corpus row in its `prompt_row` column if any."""
         return corpus
 
     def make_batch(self, rows: pd.DataFrame) -> TensorDict:
@@ -221,7 +243,7 @@ class Trainer:
             self.groups["value"].call("zero_value_head").result("zeroing its head")
         nodes = pool_nodes(self.pool)
         print(f"[pool] {len(nodes)} ranks on {len(set(nodes))} node(s) ({self.device}); {', '.join(self.roles)} up")
-        if self.uses_reference:
+        if self.uses_reference and not self.own_ref:
             reference = Role(
                 "language_model",
                 OmegaConf.merge(
@@ -233,7 +255,7 @@ class Trainer:
                 ),
                 forward_only=True,
             )
-            self.corpus = ref_cache.with_ref_logprobs(
+            ref_cache.attach_ref_logprobs(
                 self.corpus,
                 self.corpus_path,
                 c,
@@ -368,6 +390,17 @@ class Trainer:
 
     # ------------------------------------------------------------------ loop
 
+    def batch_rows(self, step: int) -> np.ndarray:
+        """The training rows of update `step` (0-based): the seeded order of its epoch."""
+        epoch, index = divmod(step, self.steps_per_epoch)
+        if self._epoch_order[0] != epoch:
+            c = self.config
+            order = epoch_batches(
+                len(self.corpus), self.batch_size, c.trainer.seed, epoch, c.data.shuffle, self.unit_rows
+            )
+            self._epoch_order = (epoch, order)
+        return self._epoch_order[1][index]
+
     def fit(self, stop: Callable[[int, Path], bool] | None = None) -> dict:
         """Run all updates (resuming if configured), export the models; returns the last step's metrics.
 
@@ -390,12 +423,14 @@ class Trainer:
         last_ckpt = None
         name = config.algorithm.name.upper()
         bar = tqdm(total=self.total_steps, initial=step, desc=name, unit="step", dynamic_ncols=True)
+        prefetch = ThreadPoolExecutor(1, thread_name_prefix="rows")  # the next update's rows read during this one
+        upcoming = prefetch.submit(self.corpus.read, self.batch_rows(step)) if step < self.total_steps else None
         while step < self.total_steps:
             epoch, index = divmod(step, self.steps_per_epoch)
-            batches = epoch_batches(
-                len(self.corpus), self.batch_size, config.trainer.seed, epoch, config.data.shuffle, self.unit_rows
-            )
-            rows = self.corpus.iloc[batches[index]]
+            batch = self.batch_rows(step)
+            rows = upcoming.result()
+            if step + 1 < self.total_steps:
+                upcoming = prefetch.submit(self.corpus.read, self.batch_rows(step + 1))
             start = time.perf_counter()
             metrics = self.train_step(rows, step)
             elapsed = time.perf_counter() - start
@@ -405,9 +440,7 @@ class Trainer:
                 {"perf/step_time_s": elapsed, "perf/response_tokens_per_s": tokens / elapsed, "train/epoch": epoch + 1}
             )
             tracking.log(data=metrics, step=step)
-            step_log.write(
-                {"step": step, "epoch": epoch, "batch": index, "rows_sha1": _rows_digest(batches[index]), **metrics}
-            )
+            step_log.write({"step": step, "epoch": epoch, "batch": index, "rows_sha1": _rows_digest(batch), **metrics})
             self.history.append(metrics)
             bar.set_postfix(
                 epoch=epoch + 1, tok_s=f"{tokens / elapsed:.0f}", loss=f"{metrics.get('policy/loss', math.nan):.4f}"
@@ -423,6 +456,7 @@ class Trainer:
                 if stop is not None and stop(step, last_ckpt):
                     break
         bar.close()
+        prefetch.shutdown(cancel_futures=True)
         step_log.close()
         if last_ckpt is None:
             last_ckpt = self.checkpoints.latest() or self.save_checkpoint(step)

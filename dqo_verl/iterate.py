@@ -83,7 +83,7 @@ def round_overrides(first: DictConfig, r: int, reference: str) -> list[str]:
         f"paths.root={first.paths.root}",
         f"paths.data={folder / 'data'}",
         f"data.train_files={folder / 'data' / Path(first.data.train_files).name}",
-        "data.ref_cache_file=null",
+        "data.ref_cache_dir=null",
         f"trainer.output_dir={folder / 'run'}",
         f"trainer.default_local_dir={folder / 'run' / 'checkpoints'}",
         "trainer.tensorboard_dir=null",

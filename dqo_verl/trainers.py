@@ -42,7 +42,7 @@ class DQOTrainer(Trainer):
     granularities: ClassVar[tuple[str, ...]] = algo.GRANULARITIES
     default_is_weights: ClassVar[bool] = True  # on both losses unless algorithm.is_policy / is_value say otherwise
 
-    def __init__(self, config: DictConfig, corpus: pd.DataFrame | None = None):
+    def __init__(self, config: DictConfig):
         granularity = config.algorithm.granularity or self.default_granularity
         if granularity not in self.granularities:
             raise InputError(
@@ -53,7 +53,7 @@ class DQOTrainer(Trainer):
         a = config.algorithm
         self.is_policy = self.default_is_weights if a.is_policy is None else bool(a.is_policy)
         self.is_value = self.default_is_weights if a.is_value is None else bool(a.is_value)
-        super().__init__(config, corpus)
+        super().__init__(config)
         if config.trainer.critic_warmup >= self.total_steps:
             raise InputError(
                 f"trainer.critic_warmup={config.trainer.critic_warmup} leaves none of the run's {self.total_steps} "
@@ -132,7 +132,7 @@ class RSTrainer(SFTTrainer):
     required_columns = ("prompt_ids", "response_ids", "score")
 
     def prepare_corpus(self, corpus: pd.DataFrame) -> pd.DataFrame:
-        kept = corpus[corpus["score"] == 1].reset_index(drop=True)
+        kept = corpus[corpus["score"] == 1]
         if kept.empty:
             raise InputError(f"{self.config.data.train_files}: no correct response to train rejection sampling on")
         return kept
@@ -180,7 +180,7 @@ class DPOTrainer(PreferenceTrainer):
         pairs = preference_pairs(corpus, self.config.trainer.seed)
         if not pairs:
             raise InputError(f"{self.config.data.train_files}: no prompt has both a correct and an incorrect response")
-        return corpus.loc[[row for pair in pairs for row in pair]].reset_index(drop=True)  # chosen, rejected, ...
+        return corpus.loc[[row for pair in pairs for row in pair]]  # chosen, rejected, ...
 
     def preference_loss(self, log_ratio: torch.Tensor, td: TensorDict) -> tuple[torch.Tensor, dict]:
         return algo.dpo_loss(log_ratio[0::2], log_ratio[1::2], self.config.algorithm.beta)
@@ -201,9 +201,9 @@ class KTOTrainer(PreferenceTrainer):
         for i in np.flatnonzero(uids[partner] == uids):  # another prompt's row for each response
             while uids[partner[i]] == uids[i]:
                 partner[i] = rng.integers(len(corpus))
-        mismatched = corpus.assign(prompt_ids=corpus["prompt_ids"].to_numpy()[partner])
-        units = pd.concat([corpus, mismatched]).sort_index(kind="stable")  # row i, then row i under another prompt
-        return units.reset_index(drop=True)
+        own = corpus.assign(prompt_row=corpus.index)
+        mismatched = corpus.assign(prompt_row=corpus.index[partner])
+        return pd.concat([own, mismatched]).sort_index(kind="stable")  # row i, then row i under another prompt
 
     def preference_loss(self, log_ratio: torch.Tensor, td: TensorDict) -> tuple[torch.Tensor, dict]:
         k = self.config.algorithm.kto
@@ -224,9 +224,9 @@ TRAINERS: dict[str, type[Trainer]] = {
 }
 
 
-def make_trainer(config: DictConfig, corpus: pd.DataFrame | None = None) -> Trainer:
+def make_trainer(config: DictConfig) -> Trainer:
     """The trainer of `algorithm.name`."""
     name = config.algorithm.name
     if name not in TRAINERS:
         raise InputError(f"algorithm.name={name} is not one of {sorted(TRAINERS)}")
-    return TRAINERS[name](config, corpus)
+    return TRAINERS[name](config)

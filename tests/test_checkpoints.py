@@ -88,11 +88,12 @@ def test_training_corpus_is_checked_and_length_limited_with_counts(tmp_path, cap
         "tiny_cpu", [f"data.train_files={path}", "data.max_prompt_length=4", "data.max_response_length=4"]
     )
     required, models = ("prompt_ids", "response_ids", "score"), [str(tiny_models[0])]
-    corpus = load_corpus(cfg, required, models)
-    assert len(corpus) == 2 and corpus["response_ids"].map(len).tolist() == [3, 4]
+    _, scan = load_corpus(cfg, required, models)
+    assert scan.meta.index.tolist() == [0, 2] and scan.meta["response_len"].tolist() == [3, 4]
+    assert scan.meta["score"].tolist() == [1.0, 0.0]  # a cut response has no final answer
     assert "1 rows dropped (prompt > 4 tokens); 1 responses > 4 tokens (truncate)" in capsys.readouterr().out
     cfg.data.overlong = "drop"
-    assert len(load_corpus(cfg, required, models)) == 1
+    assert load_corpus(cfg, required, models)[1].meta.index.tolist() == [0]
 
 
 def test_epoch_checkpoints_are_the_complete_ones_that_end_an_epoch(tmp_path):

@@ -13,10 +13,10 @@ from dqo_verl.data import (
     build_batch,
     epoch_batches,
     parquet_metadata,
-    read_corpus,
     validate_corpus,
     write_parquet_atomic,
 )
+from dqo_verl.trainset import open_corpus
 
 PAD = 0
 
@@ -117,10 +117,10 @@ def test_valid_corpus_passes_and_missing_file_is_named(tmp_path):
             rows().assign(prompt_ids=[[5, 6, 7], [-3]]), "c.parquet"
         )  # negative: bad with no vocabulary too
     with pytest.raises(CorpusError, match="does not exist"):
-        read_corpus(tmp_path / "nope.parquet")
+        open_corpus(tmp_path / "nope.parquet")
     (tmp_path / "junk.parquet").write_text("not parquet")
     with pytest.raises(CorpusError, match="junk.parquet.*not a readable parquet"):
-        read_corpus(tmp_path / "junk.parquet")
+        open_corpus(tmp_path / "junk.parquet")
 
 
 def test_length_limits_truncate_or_drop():

@@ -88,7 +88,7 @@ def test_dqo_updates_with_lora_on_both_models_resume_and_export_merged(ray_sessi
             "tiny_cpu",
             [
                 f"data.train_files={tiny_corpus}",
-                f"data.ref_cache_file={tmp_path}/ref.parquet",
+                f"data.ref_cache_dir={tmp_path}/ref",
                 f"policy.model.path={policy}",
                 f"value.model.path={value}",
                 f"trainer.output_dir={out}",

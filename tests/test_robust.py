@@ -9,6 +9,7 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForTokenClassification
 
+from dqo_verl import driver
 from dqo_verl.cli import RunError, compose_config
 from dqo_verl.data import CorpusError
 from dqo_verl.trainers import DQOTrainer, make_trainer
@@ -40,7 +41,9 @@ def test_bad_corpus_fails_before_ray_with_file_row_and_field(tmp_path, tiny_mode
     )
     out = run_main(tmp_path, tiny_models, corpus)
     assert out.returncode == 1
-    assert out.stderr.strip().splitlines()[-1] == f"error: {corpus}, row 1, field 'score': reward is nan"
+    assert (
+        out.stderr.strip().splitlines()[-1] == f"error: {corpus}, row 1, field 'score': reward is missing (null or nan)"
+    )
     assert "Started a local Ray" not in out.stdout + out.stderr  # no Ray, no workers
     assert not (tmp_path / "o" / "checkpoints").exists()  # (Hydra's own config snapshot is there)
 
@@ -65,24 +68,28 @@ def test_a_token_id_beyond_the_vocabulary_fails_before_any_worker(tmp_path, tiny
 
 @pytest.mark.slow
 @pytest.mark.timeout(180)
-def test_a_failing_rank_stops_the_driver_at_once_naming_its_group(ray_session, tiny_models, tiny_corpus, tmp_path):
+def test_a_failing_rank_stops_the_driver_at_once_naming_its_group(
+    ray_session, tiny_models, tiny_corpus, tmp_path, monkeypatch
+):
     """One rank raises (an id beyond the embedding) while the other waits in a collective for it: the driver
     must not wait on both ranks at once, which hung until killed."""
     rows = pd.read_parquet(tiny_corpus)
     vocab = AutoConfig.from_pretrained(tiny_models[0]).vocab_size
     rows.at[0, "response_ids"] = [*rows.at[0, "response_ids"][:-1], vocab + 7]  # rank 0's first row
+    rows.to_parquet(tmp_path / "bad.parquet")
+    monkeypatch.setattr(driver, "vocab_size", lambda paths: 2 * vocab)  # let it through, as a bug upstream might
     cfg = compose_config(
         "tiny_cpu",
         [
-            f"data.train_files={tiny_corpus}",
+            f"data.train_files={tmp_path / 'bad.parquet'}",
             f"policy.model.path={tiny_models[0]}",
             f"value.model.path={tiny_models[1]}",
             f"trainer.output_dir={tmp_path / 'run'}",
-            f"data.ref_cache_file={tmp_path / 'ref.parquet'}",
+            f"data.ref_cache_dir={tmp_path / 'ref'}",
             "trainer.logger=[console]",
         ],
     )
-    trainer = DQOTrainer(cfg, corpus=rows)  # handed over unchecked, as a bug upstream might
+    trainer = DQOTrainer(cfg)
     start = time.time()
     try:
         with pytest.raises(
@@ -92,7 +99,7 @@ def test_a_failing_rank_stops_the_driver_at_once_naming_its_group(ray_session, t
     finally:
         trainer.shutdown()
     assert time.time() - start < 120
-    assert not (tmp_path / "ref.parquet").exists()
+    assert not list((tmp_path / "ref").glob("part-*"))
 
 
 @pytest.mark.slow

@@ -83,10 +83,10 @@ def test_dqo_training_end_to_end(e2e, tiny_models):
     history, printed, out = e2e["history"], e2e["printed"], e2e["out"]
     # the initial policy computed the reference cache before its first update
     assert "[ref] computing reference log-probs of 64 responses with the initial policy" in printed
-    cached = pd.read_parquet(e2e["corpus"].with_name("corpus.ref.parquet"))
+    cached = pd.read_parquet(e2e["corpus"].with_name("corpus.ref"))  # its shards, in row order
     corpus = pd.read_parquet(e2e["corpus"])
     assert len(cached) == len(corpus)
-    assert all(len(r) == len(lp) for r, lp in zip(cached["response_ids"], cached["ref_logprobs"]))
+    assert all(len(r) == len(lp) for r, lp in zip(corpus["response_ids"], cached["ref_logprobs"]))
     assert np.isfinite(np.concatenate(cached["ref_logprobs"].to_list())).all()
     assert abs(history[0]["dqo/kl_seq_mean"]) < 1e-4  # policy == reference before the first update
 
@@ -135,25 +135,26 @@ def test_dqo_training_end_to_end(e2e, tiny_models):
 def test_reference_cache_is_reused_and_a_reference_group_computes_the_same(e2e, tiny_models, tmp_path, capsys):
     from dqo_verl import ref_cache
 
-    cache = e2e["corpus"].with_name("corpus.ref.parquet")
-    stamp = cache.stat().st_mtime_ns
+    cache = e2e["corpus"].with_name("corpus.ref")
+    stamp = [p.stat().st_mtime_ns for p in sorted(cache.iterdir())]
     cfg = config(tiny_models, e2e["corpus"], tmp_path / "again")
     corpus = pd.read_parquet(e2e["corpus"])
     capsys.readouterr()
     # the same corpus, reference and limits: read back, no group needed
-    reused = ref_cache.with_ref_logprobs(
-        corpus, e2e["corpus"], cfg, pool=None, policy=None, reference=None, pad_token_id=0
-    )
+    rows = make_trainer(cfg).corpus
+    ref_cache.attach_ref_logprobs(rows, e2e["corpus"], cfg, pool=None, policy=None, reference=None, pad_token_id=0)
     assert "[ref] reusing cached reference log-probs" in capsys.readouterr().out
-    assert cache.stat().st_mtime_ns == stamp and reused["ref_logprobs"].map(len).equals(corpus["response_ids"].map(len))
+    assert [p.stat().st_mtime_ns for p in sorted(cache.iterdir())] == stamp
+    reused = rows.read(np.arange(len(rows)))
+    assert reused["ref_logprobs"].map(len).equals(corpus["response_ids"].map(len))
     # other length limits: recomputed (here the check stops before any group would start)
     other_limits = config(tiny_models, e2e["corpus"], tmp_path / "x", "data.max_response_length=150")
-    assert ref_cache.fingerprint(other_limits, e2e["corpus"]) != ref_cache.fingerprint(cfg, e2e["corpus"])
+    assert ref_cache.fingerprint(other_limits, e2e["corpus"], 64) != ref_cache.fingerprint(cfg, e2e["corpus"], 64)
 
     # a reference that is not the initial policy (same weights, another folder) gets a forward-only group
     ref_copy = tmp_path / "ref"
     shutil.copytree(tiny_models[0], ref_copy)
-    other_cache = tmp_path / "other.ref.parquet"
+    other_cache = tmp_path / "other_ref"
     train(
         config(
             tiny_models,
@@ -161,7 +162,7 @@ def test_reference_cache_is_reused_and_a_reference_group_computes_the_same(e2e, 
             tmp_path / "ref_run",
             "trainer.total_training_steps=1",
             f"ref.path={ref_copy}",
-            f"data.ref_cache_file={other_cache}",
+            f"data.ref_cache_dir={other_cache}",
         )
     )
     assert f"[ref] computing reference log-probs of 64 responses with {ref_copy}" in capsys.readouterr().out
@@ -223,7 +224,7 @@ def test_worker_update_equals_bare_algo(e2e, tiny_models, tmp_path, capsys, gran
         f"value.zero_head={zero_head}",
     )
     with DQOTrainer(cfg) as trainer:  # the reference cache of the e2e run is reused
-        rows = trainer.corpus.iloc[:32]
+        rows = trainer.corpus.read(np.arange(32))
         got = trainer.train_step(rows, 0)
     assert "[ref] reusing cached reference log-probs" in capsys.readouterr().out  # a second run reuses the cache
     # the tiny value model's head is random: zeroed, V is exactly 0 on every state before the first update
@@ -276,7 +277,7 @@ def test_baseline_update_equals_its_loss_on_plain_transformers(e2e, tiny_models,
         "policy.optim.lr=1e-3",
     )
     with make_trainer(cfg) as trainer:
-        rows = trainer.corpus.iloc[: 16 * trainer.unit_rows]
+        rows = trainer.corpus.read(np.arange(16 * trainer.unit_rows))
         got = trainer.train_step(rows, 0)
         batch = trainer.make_batch(rows)
         after = trainer.forward(left_right_2_no_padding(batch), ("policy",), 1)["policy"]
