@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 # pip's notices about this machine's optional local package indexes are noise
 QUIET := 2>&1 | { grep -v "is ignored: it is neither a file nor a directory" || true; }
 
-.PHONY: install install-gpu lint test test-fast demo pipeline compare iterate realism realism-extras tiny-model sft prompts corpus score process baselines train eval eval-epochs report bench-train bench-gen bench-process clean
+.PHONY: install install-gpu lint test test-fast demo pipeline compare iterate realism realism-extras tiny-model sft prompts corpus score process baselines train eval eval-epochs report bench-train bench-gen bench-process bench-scale clean
 
 # CPU install: torch 2.13.0 (CPU wheel) first, then the package, its deps and the test tools. (pip byte-compiles
 # everything at install: with --no-compile the test suite's many fresh processes compiled the same modules
@@ -106,6 +106,10 @@ bench-gen: install
 # needs the tiny recipe's corpus: make score RECIPE=tiny_cpu
 bench-process: install
 	$(PY) bench/bench_process.py
+
+# driver memory training on a 160k-row corpus vs a 10k-row one (streamed from disk); corpus check and cache writes
+bench-scale: install
+	$(PY) bench/bench_scale.py
 
 clean:
 	rm -rf outputs

@@ -25,10 +25,9 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForTokenClas
 from dqo_verl import algo
 from dqo_verl.cli import compose_config
 from dqo_verl.data import BatchSpec, build_batch, epoch_batches
-from dqo_verl.driver import load_corpus
 from dqo_verl.models import build_value_model
 from dqo_verl.tiny_model import build_tiny_policy
-from dqo_verl.trainers import DQOTrainer, make_trainer
+from dqo_verl.trainers import make_trainer
 from dqo_verl.workers import init_ray
 
 
@@ -104,13 +103,14 @@ def bare_loop(cfg, corpus: pd.DataFrame, batches: list[np.ndarray], warmup: int)
     return times
 
 
-def ray_loop(cfg, corpus: pd.DataFrame, batches: list[np.ndarray], warmup: int) -> list[float]:
+def ray_loop(cfg, batches: list[np.ndarray], warmup: int) -> list[float]:
     """Seconds per update of the trainer's train_step through the Ray worker groups."""
-    with make_trainer(cfg, corpus) as trainer:
+    with make_trainer(cfg) as trainer:
         times = []
         for i, idx in enumerate(batches):
+            rows = trainer.corpus.read(idx)
             start = time.perf_counter()
-            trainer.train_step(trainer.corpus.iloc[idx], i)
+            trainer.train_step(rows, i)
             if i >= warmup:
                 times.append(time.perf_counter() - start)
         return times
@@ -155,14 +155,14 @@ def main() -> None:
         ],
     ]
     configs = {name: compose_config("tiny_cpu", [*base, f"algorithm.name={name}"]) for name in ("dqo", "dro")}
-    corpus = load_corpus(configs["dqo"], DQOTrainer.required_columns, [str(policy), str(value)])
+    corpus = pd.read_parquet(work / "corpus.parquet")  # every row fits the length limits
     batches = epoch_batches(len(corpus), args.batch, seed=0, epoch=0)
     tokens = [int(corpus.iloc[idx]["response_ids"].map(len).sum()) for idx in batches[args.warmup :]]
 
     results = {"bare PyTorch loop (DQO)": bare_loop(configs["dqo"], corpus, batches, args.warmup)}
     init_ray(configs["dqo"])
-    results["Ray groups, DQO (token)"] = ray_loop(configs["dqo"], corpus, batches, args.warmup)
-    results["Ray groups, DRO (sequence)"] = ray_loop(configs["dro"], corpus, batches, args.warmup)
+    results["Ray groups, DQO (token)"] = ray_loop(configs["dqo"], batches, args.warmup)
+    results["Ray groups, DRO (sequence)"] = ray_loop(configs["dro"], batches, args.warmup)
 
     c = AutoConfig.from_pretrained(policy)
     print(

@@ -152,5 +152,9 @@ def _compute(rows, todo, folder, stamp, group, micro_batch, config, pad_token_id
     with tqdm(total=len(rows), initial=done, desc="ref log-probs", unit="resp", dynamic_ncols=True) as bar:
         for start in todo:
             index = np.arange(start, min(start + size, len(rows)))
-            logps = log_probs(rows, index, group, micro_batch, config, pad_token_id, bar)
-            write_parquet_atomic(pd.DataFrame({"ref_logprobs": logps}), shard_path(folder, start), metadata=stamp)
+            write_shard(folder, start, log_probs(rows, index, group, micro_batch, config, pad_token_id, bar), stamp)
+
+
+def write_shard(folder: Path, start: int, logps: list, stamp: dict[str, str]) -> None:
+    """The log-probs of training rows start.. as one shard, written atomically with the fingerprint."""
+    write_parquet_atomic(pd.DataFrame({"ref_logprobs": logps}), shard_path(folder, start), metadata=stamp)

@@ -32,7 +32,8 @@ class ParquetRows:
 
     def __init__(self, paths: list[Path]):
         self.paths = [Path(p) for p in paths]
-        self.files = [pq.ParquetFile(p) for p in self.paths]
+        # pre_buffer's cache of what was read lives as long as the file object: every row group ever read
+        self.files = [pq.ParquetFile(p, pre_buffer=False) for p in self.paths]
         self.groups = [(f, g) for f, pf in enumerate(self.files) for g in range(pf.num_row_groups)]
         sizes = [self.files[f].metadata.row_group(g).num_rows for f, g in self.groups]
         self.starts = np.concatenate([[0], np.cumsum(sizes, dtype=np.int64)])
@@ -107,13 +108,13 @@ def scan_corpus(
     parts, ref_nulls = [], 0
     for start, table in reader.batches(columns):
         validate_table(table, path, required, vocab_size, offset=start)
-        part = {
-            "prompt_len": pc.list_value_length(table["prompt_ids"]).to_numpy(),
-            "response_len": pc.list_value_length(table["response_ids"]).to_numpy(),
+        part = {  # copies: a view would keep the slice's arrow buffers, so the whole corpus, alive
+            "prompt_len": pc.list_value_length(table["prompt_ids"]).to_numpy().astype(np.int32),
+            "response_len": pc.list_value_length(table["response_ids"]).to_numpy().astype(np.int32),
         }
         for name in ("uid", "score"):
             if name in table.column_names:
-                part[name] = table[name].to_numpy()
+                part[name] = table[name].to_numpy().copy()
         if "ref_logprobs" in table.column_names:
             ref_nulls += table["ref_logprobs"].null_count
         parts.append(pd.DataFrame(part, index=pd.RangeIndex(start, start + table.num_rows)))
