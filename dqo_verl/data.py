@@ -87,8 +87,9 @@ def _flat(values: pa.Array) -> tuple[pa.Array, np.ndarray]:
     return pc.list_flatten(values), pc.list_parent_indices(values).to_numpy(zero_copy_only=False)
 
 
-def validate_table(table: pa.Table, path, required=REQUIRED_COLUMNS, vocab_size: int | None = None, offset: int = 0):
-    """Vectorised checks of corpus rows (the first is corpus row `offset`); the first problem raises CorpusError.
+def validate_table(table: pa.Table, path, vocab_size: int | None = None, offset: int = 0) -> None:
+    """Vectorised checks of corpus rows (the first is corpus row `offset`; `check_columns` first): the first
+    problem raises CorpusError.
 
     Token ids must lie in [0, vocab_size) when `vocab_size` is given (the model's embedding rows): an id
     outside it would fail inside a worker, mid-run. None is allowed in the optional list columns (that row has none).
@@ -97,9 +98,6 @@ def validate_table(table: pa.Table, path, required=REQUIRED_COLUMNS, vocab_size:
     def fail(row: int, column: str, problem: str):
         raise CorpusError(path, offset + row, column, problem)
 
-    for column in required:
-        if column not in table.column_names:
-            raise CorpusError(path, None, column, f"missing column (have: {', '.join(table.column_names)})")
     cols = {c: _array(table, c) for c in (*LIST_COLUMNS, "score") if c in table.column_names}
     for column in LIST_COLUMNS:
         if column not in cols:
@@ -179,12 +177,17 @@ def validate_table(table: pa.Table, path, required=REQUIRED_COLUMNS, vocab_size:
 
 def validate_corpus(df: pd.DataFrame, path, required=REQUIRED_COLUMNS, vocab_size: int | None = None) -> None:
     """`validate_table` on a frame (see there); a column of mixed kinds of value names its first odd row."""
+    check_columns(list(df.columns), len(df), path, required)
+    validate_table(_as_arrow(df, path), path, vocab_size)
+
+
+def check_columns(columns: list[str], rows: int, path, required: tuple[str, ...] = REQUIRED_COLUMNS) -> None:
+    """A corpus has its required columns and at least one row (else CorpusError)."""
     for column in required:
-        if column not in df.columns:
-            raise CorpusError(path, None, column, f"missing column (have: {', '.join(df.columns)})")
-    if len(df) == 0:
+        if column not in columns:
+            raise CorpusError(path, None, column, f"missing column (have: {', '.join(columns)})")
+    if rows == 0:
         raise CorpusError(path, None, "response_ids", "the corpus has no rows")
-    validate_table(_as_arrow(df, path), path, required, vocab_size)
 
 
 def apply_length_limits(

@@ -19,7 +19,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from dqo_verl.data import LIST_COLUMNS, CorpusError, apply_length_limits, validate_table
+from dqo_verl.data import LIST_COLUMNS, CorpusError, apply_length_limits, check_columns, validate_table
 
 # corpus columns a trainer reads (token lists, labels); any others (texts, verl's prompt fields) stay on disk
 TRAIN_COLUMNS = ("uid", "score", *LIST_COLUMNS)
@@ -99,15 +99,11 @@ def scan_corpus(
     max_prompt, max_response, overlong = limits
     if overlong not in ("truncate", "drop"):
         raise ValueError(f"data.overlong must be 'truncate' or 'drop', got {overlong!r}")
-    for column in required:
-        if column not in reader.columns:
-            raise CorpusError(path, None, column, f"missing column (have: {', '.join(reader.columns)})")
-    if len(reader) == 0:
-        raise CorpusError(path, None, "response_ids", "the corpus has no rows")
+    check_columns(reader.columns, len(reader), path, required)
     columns = [c for c in TRAIN_COLUMNS if c in reader.columns]
     parts, ref_nulls = [], 0
     for start, table in reader.batches(columns):
-        validate_table(table, path, required, vocab_size, offset=start)
+        validate_table(table, path, vocab_size, offset=start)
         part = {  # copies: a view would keep the slice's arrow buffers, so the whole corpus, alive
             "prompt_len": pc.list_value_length(table["prompt_ids"]).to_numpy().astype(np.int32),
             "response_len": pc.list_value_length(table["response_ids"]).to_numpy().astype(np.int32),
