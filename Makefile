@@ -37,10 +37,10 @@ lint: install
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
 
-# two test processes, a file each at a time: the end-to-end tests wait on process and worker start-ups for about a
-# quarter of their time, which the other process fills (578 s vs 657-685 s on 2 cores, docs/results.md)
+# two test processes, a file each at a time, the longest files first (tests/conftest.py): the end-to-end tests wait
+# on process and worker start-ups for about a quarter of their time, which the other process fills (docs/results.md)
 test: install
-	$(PY) -m pytest -q -n 2 --dist loadfile --durations=15
+	$(PY) -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder --durations=15
 
 # the pure tests only (seconds)
 test-fast: install
