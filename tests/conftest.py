@@ -121,13 +121,27 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(scope="session")
 def trained_tiny_policy(tiny_models, tmp_path_factory):
     """The tiny policy after a short plain-PyTorch SFT on synthetic solutions: it writes ASCII arithmetic
-    and stops with eos, so sampled text is meaningful (a random model emits stray bytes)."""
+    and stops with eos, so sampled text is meaningful (a random model emits stray bytes). Trained once per
+    test run: of `make test`'s two processes, the second waits for the first's (a file lock in the run's
+    shared temp folder); tiny_models is seeded, so both start from the same weights."""
+    from filelock import FileLock
+
+    base = tmp_path_factory.getbasetemp()
+    shared = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base  # xdist: pytest-N/popen-gwK
+    out = shared / "trained_tiny_policy"
+    with FileLock(str(shared / "trained_tiny_policy.lock")):
+        if not out.exists():
+            train_tiny_policy(tiny_models[0], shared / "trained_tiny_policy.tmp").rename(out)
+    return out
+
+
+def train_tiny_policy(start, out):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     torch.manual_seed(0)
-    tok = AutoTokenizer.from_pretrained(tiny_models[0])
-    model = AutoModelForCausalLM.from_pretrained(tiny_models[0], dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(start)
+    model = AutoModelForCausalLM.from_pretrained(start, dtype=torch.float32)
     opt = torch.optim.AdamW(model.parameters(), lr=2e-3)
     problems = synthetic.make_problems(32 * 60, seed=99)
     for step in range(60):
@@ -149,7 +163,6 @@ def trained_tiny_policy(tiny_models, tmp_path_factory):
         opt.zero_grad()
         loss.backward()
         opt.step()
-    out = tmp_path_factory.mktemp("trained") / "policy"
     model.save_pretrained(out)
     tok.save_pretrained(out)
     return out
