@@ -23,12 +23,12 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import ray
 from matplotlib.figure import Figure
 from omegaconf import DictConfig, OmegaConf
 
 from dqo_verl import evaluate, pipeline
 from dqo_verl.cli import InputError, compose_config, entry_point, raw_overrides, with_command_line
+from dqo_verl.workers import ray_scope
 
 
 def slug(label: str) -> str:
@@ -115,7 +115,7 @@ def run(cfg: DictConfig) -> pd.DataFrame:
         raise InputError("compare.methods is empty")
     root = Path(c.out_dir)
     start = time.time()
-    try:
+    with ray_scope():
         pipeline.run_pipeline(OmegaConf.merge(cfg, {"pipeline": {"stages": list(c.stages), "redo": None}}))
         base = compose_config(
             c.recipe,
@@ -143,9 +143,6 @@ def run(cfg: DictConfig) -> pd.DataFrame:
             print(f"[compare] run {i + 1}/{len(plan)}: {label}, seed {seed} ({time.time() - start:.0f}s so far)")
             results = train_and_evaluate(run_config(cfg, overrides, folder, label, seed))
             records.append({"method": label, "seed": seed, **results})
-    finally:
-        if ray.is_initialized():
-            ray.shutdown()
     runs = pd.DataFrame(records)
     columns = [col for col in runs.columns if col not in ("method", "seed")]
     out = table(runs, columns)

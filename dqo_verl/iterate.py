@@ -24,12 +24,12 @@ import time
 from pathlib import Path
 
 import pandas as pd
-import ray
 from matplotlib.figure import Figure
 from omegaconf import DictConfig, OmegaConf
 
 from dqo_verl import evaluate, pipeline
 from dqo_verl.cli import InputError, compose_config, entry_point, raw_overrides, with_command_line
+from dqo_verl.workers import ray_scope
 
 # what evaluation keeps out of generated test sets (evaluate.seen_questions): every round gets round 1's copy
 SHARED_DATA = ("prompts.parquet", "sft.parquet", "dev.parquet")
@@ -164,7 +164,7 @@ def run(cfg: DictConfig) -> pd.DataFrame:
     root = Path(it.out_dir)
     start = time.time()
     rows = []
-    try:
+    with ray_scope():
         stages = list(dict.fromkeys([*cfg.pipeline.stages, "train", "eval"]))
         first = OmegaConf.merge(cfg, {"pipeline": {"stages": stages}})
         base_name, trained_name = first_round_names(first)
@@ -193,9 +193,6 @@ def run(cfg: DictConfig) -> pd.DataFrame:
                     **accuracies(evaluate.out_dir(rcfg) / "summary.json", f"round {r}"),
                 }
             )
-    finally:
-        if ray.is_initialized():
-            ray.shutdown()
     table = pd.DataFrame(rows)
     columns = [c for c in table.columns if c not in ("round", "model", *STATS)]
     root.mkdir(parents=True, exist_ok=True)

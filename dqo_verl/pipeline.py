@@ -30,14 +30,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import ray
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from dqo_verl import baselines, corpus, evaluate, models, process, prompts, report, sft
 from dqo_verl.cli import InputError, entry_point
 from dqo_verl.data import write_json_atomic
 from dqo_verl.trainers import TRAINERS, make_trainer
-from dqo_verl.workers import init_ray
+from dqo_verl.workers import init_ray, ray_scope
 
 # what a corpus depends on in the rollout section (not engine counts, cache sizes or shard sizes)
 SAMPLING = (
@@ -440,11 +439,8 @@ def run_pipeline(cfg: DictConfig, stages: tuple[Stage, ...] = STAGES) -> dict[st
 def run(cfg: DictConfig) -> None:
     """`python -m dqo_verl.pipeline`: run the pipeline, then print the report (its last line ends the output)."""
     start = time.time()
-    try:
+    with ray_scope():
         seconds = run_pipeline(cfg)
-    finally:
-        if ray.is_initialized():
-            ray.shutdown()
     times = ", ".join(f"{name} {s:.0f}s" for name, s in seconds.items())
     print(
         f"[pipeline] finished in {time.time() - start:.0f}s ({times or 'nothing to do'}) under {Path(cfg.paths.root)}"

@@ -12,7 +12,8 @@ FSDP group block in a collective, waiting for the one that died.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -53,6 +54,18 @@ def engines_per_node(config: DictConfig) -> int:
     """Rollout engines per node: rollout.engines_per_node, or one per tensor-parallel group of the node's GPUs."""
     r = config.rollout
     return r.engines_per_node or max(1, config.trainer.n_gpus_per_node // r.tensor_parallel_size)
+
+
+@contextmanager
+def ray_scope() -> Iterator[None]:
+    """Shut down, at the end of the block, the Ray that the block started; a Ray running before it (a notebook's,
+    a test session's) is left running."""
+    running_before = ray.is_initialized()
+    try:
+        yield
+    finally:
+        if not running_before and ray.is_initialized():
+            ray.shutdown()
 
 
 def init_ray(config: DictConfig) -> None:

@@ -5,6 +5,10 @@ from __future__ import annotations
 import os
 import random
 
+# a test that uses Ray without starting it fails at once instead of starting a default Ray (a machine's worth of
+# CPUs, none of the plugin's settings), in which a worker group may wait forever for its resources
+os.environ["RAY_ENABLE_AUTO_CONNECT"] = "0"
+
 import pandas as pd
 import pytest
 
@@ -68,25 +72,31 @@ def tiny_corpus(tiny_models, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def ray_session(tmp_path_factory):
-    """A local Ray started by the tests (own temp dir), stopped at the end; nothing else is touched."""
+def ray_temp_dir(tmp_path_factory):
+    """The temp dir of the tests' own Ray; at the end of the session that Ray is stopped (nothing else is)."""
+    import ray
+
+    yield tmp_path_factory.mktemp("ray")
+    if ray.is_initialized():
+        ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def ray_session(ray_temp_dir):
+    """A local Ray started by the tests (own temp dir); a test file after one whose code shut it down starts it
+    again."""
     import ray
 
     from dqo_verl.workers import PLUGIN_ENV
 
-    if ray.is_initialized():
-        yield
-        return
-    temp_dir = tmp_path_factory.mktemp("ray")
-    ray.init(
-        num_cpus=8,
-        include_dashboard=False,
-        _temp_dir=str(temp_dir),
-        runtime_env={"env_vars": dict(PLUGIN_ENV)},
-        log_to_driver=os.environ.get("DQO_TEST_RAY_LOGS") == "1",
-    )
-    yield
-    ray.shutdown()
+    if not ray.is_initialized():
+        ray.init(
+            num_cpus=8,
+            include_dashboard=False,
+            _temp_dir=str(ray_temp_dir),
+            runtime_env={"env_vars": dict(PLUGIN_ENV)},
+            log_to_driver=os.environ.get("DQO_TEST_RAY_LOGS") == "1",
+        )
 
 
 # the test files that take longest (seconds on 2 cores, 2026-12-04), started first: `make test` runs two processes
