@@ -228,3 +228,23 @@ def test_the_main_job_without_its_corpus_names_the_stages_to_run(tmp_path):
     mine = tmp_path / "mine.parquet"  # a corpus of the user's own, not one a stage makes
     with pytest.raises(InputError, match=r"mine.parquet does not exist \(and no stage of this recipe makes it\)$"):
         main.run(compose_config("qwen_numina", [*root, f"data.train_files={mine}"]))
+
+
+def test_a_run_stops_only_the_ray_it_started(monkeypatch):
+    """`ray_scope` (pipeline, compare and iterate runs): a Ray running before is left running (a test session's,
+    a notebook's); one started inside is shut down, also when the run fails."""
+    import ray
+
+    from dqo_verl.workers import ray_scope
+
+    state = {"up": True, "shutdowns": 0}
+    monkeypatch.setattr(ray, "is_initialized", lambda: state["up"])
+    monkeypatch.setattr(ray, "shutdown", lambda: state.update(up=False, shutdowns=state["shutdowns"] + 1))
+    with ray_scope():
+        pass
+    assert state == {"up": True, "shutdowns": 0}
+    state["up"] = False
+    with pytest.raises(RuntimeError), ray_scope():
+        state["up"] = True  # the run starts Ray, then fails
+        raise RuntimeError("stage failed")
+    assert state == {"up": False, "shutdowns": 1}
