@@ -7,8 +7,11 @@ driver process and reads that process's peak RSS. Also times the corpus check (p
 reference-cache write: the sharded cache of `ref_cache.py` vs the single file of the corpus plus its
 log-probs that earlier versions wrote.
 
-Last line: `bench-scale: mem160k/mem10k=R1 gen-busy=R2 gen/raw=R3`. R2 and R3 (engine busy fraction and
-pipeline / raw vLLM throughput of the streaming data stages) print `-` until those stages exist.
+Then generates a corpus with a long-tailed length mix (`bench_gen.py --stop-chars`: most responses short,
+a few at the length limit) through the corpus stage (Ray Data, engine actors) and by raw `vllm.LLM.generate`.
+
+Last line: `bench-scale: mem160k/mem10k=R1 gen-busy=R2 gen/raw=R3`: R1 driver peak RSS ratio, R2 the share
+of the stage's engine time spent generating, R3 the stage's generated tokens per second over raw vLLM's.
 """
 
 from __future__ import annotations
@@ -119,11 +122,19 @@ def main() -> None:
     parser.add_argument("--large", type=int, default=160_000)
     parser.add_argument("--train-on", type=Path, help=argparse.SUPPRESS)  # the child: one driver's run
     parser.add_argument("--models", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--skip-memory", action="store_true", help="only the generation figures (R2, R3)")
     args = parser.parse_args()
     if args.train_on:
         print("RESULT " + json.dumps(train_here(args.train_on, args.models, args.steps)))
         return
 
+    r1 = None if args.skip_memory else memory(args)
+    r2, r3 = generation()
+    print(f"bench-scale: mem160k/mem10k={'-' if r1 is None else f'{r1:.2f}'} gen-busy={r2:.2f} gen/raw={r3:.2f}")
+
+
+def memory(args) -> float:
+    """Driver peak RSS training on the large corpus over the small one (and the check and cache-write times)."""
     from dqo_verl.models import build_value_model
     from dqo_verl.tiny_model import build_tiny_policy
 
@@ -159,7 +170,24 @@ def main() -> None:
         f"one file with the corpus (before) {writes['single_file_s']:.1f}s"
     )
     r1 = runs[args.large]["peak_rss_mb"] / runs[args.small]["peak_rss_mb"]
-    print(f"bench-scale: mem160k/mem10k={r1:.2f} gen-busy=- gen/raw=-")
+    return r1
+
+
+def generation() -> tuple[float, float]:
+    """(engine busy share, stage / raw tok/s) on a long-tailed length mix."""
+    import bench_gen  # this folder
+
+    argv = ["--prompts", "64", "--n", "16", "--max-tokens", "192", "--stop-chars", "7", "--shard-prompts", "4"]
+    args = bench_gen.parser().parse_args(argv)
+    res = bench_gen.run_both(args, argv)
+    print(
+        f"\nlong-tail mix: {args.prompts} prompts x {args.n} samples, a sample ends at eos or at one of "
+        f"{args.stop_chars} characters, or at {args.max_tokens} tokens (mean {res['pipeline']['mean_tokens']:.0f})"
+    )
+    for which, r in res.items():
+        print(f"{which:>9}: {r['engines']} engine(s), {r['tokens']} tokens in {r['seconds']:.1f}s")
+    rate = {k: v["tokens"] / v["seconds"] for k, v in res.items()}
+    return res["pipeline"]["busy"], rate["pipeline"] / rate["raw"]
 
 
 if __name__ == "__main__":

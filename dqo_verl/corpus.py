@@ -1,13 +1,16 @@
-"""The offline corpus: N samples per prompt on the rollout worker group (`corpus` stage), graded (`score`).
+"""The offline corpus: N samples per prompt from the rollout engines (`corpus` stage), graded (`score`).
 
-`corpus` (`make corpus RECIPE=NAME`) reads `${paths.data}/prompts.parquet` and writes
-`${paths.data}/samples.parquet`: one row per (prompt, sample) with `prompt_ids`, `response_ids`,
-`response`, `finish_reason`, `logprobs` (the sampled tokens' log-probs) and the prompt's verl fields.
-Work is done in shards of `rollout.shard_prompts` prompts, each written atomically under
-`${paths.data}/samples_shards/`; a killed run restarts with the shards it has, so no row is lost or
-duplicated.
+Both stages stream on Ray Data over every node of the cluster (`streaming.py`; docs/design.md,
+"Streaming data stages"). `corpus` (`make corpus RECIPE=NAME`) reads `${paths.data}/prompts.parquet`
+and writes `${paths.data}/samples.parquet`: one row per (prompt, sample) with `prompt_ids`,
+`response_ids`, `response`, `finish_reason`, `logprobs` (the sampled tokens' log-probs) and the prompt's
+verl fields. Shards of `rollout.shard_prompts` prompts go to a pool of engine actors; each shard is
+written atomically under `${paths.data}/samples_shards/`, and a killed run restarts with the shards it
+has, so no row is lost or duplicated. Every sample's seed is fixed by (rollout seed, prompt, sample), so
+the corpus does not depend on the number of engines or on which engine made a shard.
 
-`score` (`make score RECIPE=NAME`) grades every sample 1/0 in the answer format its source declares and
+`score` (`make score RECIPE=NAME`) grades every sample 1/0 in the answer format its source declares, in
+CPU tasks of `score.shard_rows` rows on every node (shards under `${paths.data}/corpus_shards/`), and
 writes the training corpus `${paths.data}/corpus.parquet` (with `score` and `pred`).
 """
 
@@ -16,92 +19,129 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 from omegaconf import DictConfig
-from tqdm import tqdm
+from verl.utils.device import get_device_name
 
 from dqo_verl.budget import check_budget, engine_config
 from dqo_verl.cli import InputError
 from dqo_verl.data import write_parquet_atomic
 from dqo_verl.grading import grade_many
 from dqo_verl.prompts import ANSWER_FORMAT_OF, answer_format
-from dqo_verl.rollout import RolloutGroup, sample_seed, sampling_params
+from dqo_verl.rollout import engine_name, sample_seed, sampling_params
+from dqo_verl.streaming import (
+    EngineActor,
+    combine_shards,
+    mean_list_length,
+    read_shard,
+    run_shards,
+    shard_path,
+    shard_ranges,
+    summary,
+)
 from dqo_verl.workers import engines_per_node, init_ray
 
 PROMPT_FIELDS = ("data_source", "prompt", "ability", "reward_model", "extra_info")
 
 
-def generate_samples(
-    prompts: pd.DataFrame, group: RolloutGroup, n: int, seed: int, params: dict, shard_dir: Path, shard_prompts: int
-) -> pd.DataFrame:
-    """All samples, shard by shard (existing shards are reused); rows ordered by (prompt, sample)."""
-    shard_dir.mkdir(parents=True, exist_ok=True)
-    starts = list(range(0, len(prompts), shard_prompts))
-    done = {s for s in starts if (shard_dir / f"shard_{s:08d}.parquet").exists()}
-    todo = [s for s in starts if s not in done]
-    bar = tqdm(
-        total=len(prompts),
-        initial=sum(min(shard_prompts, len(prompts) - s) for s in done),
-        desc="corpus",
-        unit="prompt",
-    )
-    tokens, t0 = 0, time.perf_counter()
-    for start in todo:
-        chunk = prompts.iloc[start : start + shard_prompts]
-        uids = list(range(start, start + len(chunk)))
-        requests = [(uid, k) for uid in uids for k in range(n)]
-        ids = [chunk.iloc[uid - start]["prompt_ids"] for uid, _ in requests]
-        outs = group.generate(ids, [sample_seed(seed, uid, k) for uid, k in requests], params)
-        rows = []
-        for (uid, k), out in zip(requests, outs):
-            src = chunk.iloc[uid - start]
-            rows.append(
-                {
-                    **{f: src[f] for f in PROMPT_FIELDS if f in src},
-                    "uid": uid,
-                    "sample": k,
-                    "prompt_ids": list(src["prompt_ids"]),
-                    **out,
-                }
-            )
-            tokens += len(out["response_ids"])
-        write_parquet_atomic(pd.DataFrame(rows), shard_dir / f"shard_{start:08d}.parquet")
-        bar.update(len(chunk))
-        elapsed = time.perf_counter() - t0
-        bar.set_postfix(tok_s=f"{tokens / elapsed:.0f}")
-    bar.close()
-    frames = [pd.read_parquet(shard_dir / f"shard_{s:08d}.parquet") for s in starts]
-    samples = pd.concat(frames, ignore_index=True)
-    expected = len(prompts) * n
-    if len(samples) != expected or samples[["uid", "sample"]].duplicated().any():
-        raise RuntimeError(f"{shard_dir}: {len(samples)} samples for {expected} expected; delete the folder and rerun")
-    return samples
+def sample_rows(prompts: pd.DataFrame, first_uid: int, n: int, seed: int, params: dict, engine) -> list[dict]:
+    """The n samples of each prompt of a shard (uids from `first_uid`), rows ordered by (prompt, sample)."""
+    requests = [(row, k) for row in range(len(prompts)) for k in range(n)]
+    ids = [prompts.iloc[row]["prompt_ids"] for row, _ in requests]
+    outs = engine.generate(ids, [sample_seed(seed, first_uid + row, k) for row, k in requests], params)
+    rows = []
+    for (row, k), out in zip(requests, outs):
+        src = prompts.iloc[row]
+        rows.append(
+            {
+                **{f: src[f] for f in PROMPT_FIELDS if f in src},
+                "uid": first_uid + row,
+                "sample": k,
+                "prompt_ids": list(src["prompt_ids"]),
+                **out,
+            }
+        )
+    return rows
+
+
+class SampleShards(EngineActor):
+    """Ray Data actor: the samples of one shard of prompts at a time, written as that shard's file."""
+
+    def __init__(self, rollout: dict, model: str, prompts: str, n: int, seed: int, params: dict):
+        super().__init__(rollout, model)
+        self.prompts, self.n, self.seed, self.params = prompts, n, seed, params
+
+    def __call__(self, batch: dict[str, np.ndarray], folder: str) -> dict[str, np.ndarray]:
+        start, stop = int(batch["start"][0]), int(batch["stop"][0])
+        t0 = time.time()
+        rows = sample_rows(read_shard(self.prompts, start, stop), start, self.n, self.seed, self.params, self)
+        t1 = time.time()
+        write_parquet_atomic(pd.DataFrame(rows), shard_path(Path(folder), start))
+        return summary(stop - start, sum(len(r["response_ids"]) for r in rows), t0, t1)
+
+
+def rollout_actors(cfg: DictConfig, budget: int) -> dict:
+    """run_shards' options for a pool of engine actors: rollout.engines_per_node on each of trainer.nnodes."""
+    rollout = {**engine_config(cfg, budget), "engine": engine_name(cfg.rollout.backend)}
+    # tp > 1: the engine's own Ray executor places its tp GPU workers; the actor needs none itself
+    gpus = 1 if get_device_name() != "cpu" and rollout["tensor_parallel_size"] == 1 else 0
+    return {"actors": engines_per_node(cfg) * cfg.trainer.nnodes, "num_gpus": gpus, "rollout": rollout}
 
 
 def run(cfg: DictConfig) -> Path:
     """The `corpus` stage."""
     data = Path(cfg.paths.data)
-    prompts = pd.read_parquet(data / "prompts.parquet")
+    prompts = data / "prompts.parquet"
+    n_prompts = pq.ParquetFile(prompts).metadata.num_rows
     r = cfg.rollout
     model = {"policy.model.path": cfg.policy.model.path}
     budget = check_budget(cfg, "corpus", ["data.max_prompt_length", "rollout.max_tokens"], model)
     init_ray(cfg)
-    group = RolloutGroup(engine_config(cfg, budget), cfg.policy.model.path, cfg.trainer.nnodes, engines_per_node(cfg))
-    print(f"[corpus] {len(prompts)} prompts x {r.n} samples on {group.engines} {group.backend} engine(s)")
-    try:
-        samples = generate_samples(
-            prompts, group, r.n, r.seed, sampling_params(r), data / "samples_shards", r.shard_prompts
-        )
-    finally:
-        group.shutdown()
-    out = data / "samples.parquet"
-    write_parquet_atomic(samples, out)
-    lengths = samples["response_ids"].map(len)
+    pool = rollout_actors(cfg, budget)
+    ranges = shard_ranges(n_prompts, r.shard_prompts)
     print(
-        f"[corpus] {len(samples)} samples, mean length {lengths.mean():.1f} tokens, "
-        f"{(samples['finish_reason'] == 'length').mean():.1%} cut at max_tokens -> {out}"
+        f"[corpus] {n_prompts} prompts x {r.n} samples in {len(ranges)} shards on {pool['actors']} "
+        f"{pool['rollout']['engine']} engine(s)"
     )
+    report = run_shards(
+        SampleShards,
+        ranges,
+        data / "samples_shards",
+        desc="corpus",
+        unit="prompt",
+        actors=pool["actors"],
+        num_gpus=pool["num_gpus"],
+        fn_constructor_kwargs=dict(
+            rollout=pool["rollout"],
+            model=cfg.policy.model.path,
+            prompts=str(prompts),
+            n=r.n,
+            seed=r.seed,
+            params=sampling_params(r),
+        ),
+    )
+    if report.shards:
+        print(f"[corpus] {report.line()}")
+    out = data / "samples.parquet"
+    rows = combine_shards(data / "samples_shards", ranges, out, rows_per_unit=r.n)
+    table = pq.read_table(out, columns=["uid", "sample", "finish_reason"])
+    keys = pc.add(pc.multiply(table["uid"].cast("int64"), r.n), table["sample"].cast("int64"))
+    if len(pc.unique(keys)) != rows:
+        raise RuntimeError(f"{out}: duplicated (uid, sample) rows; delete {data / 'samples_shards'} and rerun")
+    mean_length = mean_list_length(out, "response_ids")
+    cut = pc.mean(pc.equal(table["finish_reason"], "length")).as_py() or 0.0
+    print(f"[corpus] {rows} samples, mean length {mean_length:.1f} tokens, {cut:.1%} cut at max_tokens -> {out}")
     return out
+
+
+def unknown_source(path, row: int, source) -> InputError:
+    return InputError(
+        f"{path}, row {row}, field 'data_source': no answer format is declared for source "
+        f"{source!r} (known: {', '.join(sorted(ANSWER_FORMAT_OF))}, reasoning_gym/<task>)"
+    )
 
 
 def answer_formats(df: pd.DataFrame, path) -> list[str]:
@@ -109,11 +149,16 @@ def answer_formats(df: pd.DataFrame, path) -> list[str]:
     formats = [answer_format(src) for src in df["data_source"]]
     if None in formats:
         row = formats.index(None)
-        raise InputError(
-            f"{path}, row {row}, field 'data_source': no answer format is declared for source "
-            f"{df['data_source'].iloc[row]!r} (known: {', '.join(sorted(ANSWER_FORMAT_OF))}, reasoning_gym/<task>)"
-        )
+        raise unknown_source(path, row, df["data_source"].iloc[row])
     return formats
+
+
+def check_sources(path: Path) -> None:
+    """Every data_source of a parquet file declares an answer format (reads that column only)."""
+    sources = pq.read_table(path, columns=["data_source"]).column(0)
+    for source in pc.unique(sources).to_pylist():
+        if answer_format(source) is None:
+            raise unknown_source(path, pc.index(sources, source).as_py(), source)
 
 
 def score_samples(df: pd.DataFrame, formats: list[str], workers: int | None = None) -> pd.DataFrame:
@@ -123,30 +168,44 @@ def score_samples(df: pd.DataFrame, formats: list[str], workers: int | None = No
     return df.assign(score=[r["score"] for r in results], pred=[r["pred"] for r in results])
 
 
-def corpus_stats(corpus: pd.DataFrame) -> dict:
-    """Positive rate, per-prompt all-right / all-wrong shares, mean response length."""
-    per_prompt = corpus.groupby("uid")["score"].mean()
-    return {
-        "responses": len(corpus),
-        "prompts": int(per_prompt.size),
-        "positive_rate": float(corpus["score"].mean()),
-        "prompts_all_correct": float((per_prompt == 1).mean()),
-        "prompts_all_wrong": float((per_prompt == 0).mean()),
-        "mean_response_tokens": float(corpus["response_ids"].map(len).mean()),
-    }
+def grade_shard(batch: dict[str, np.ndarray], samples: str, folder: str) -> dict[str, np.ndarray]:
+    """Ray Data task: grade rows [start, stop) of the samples file in this process, write them as a shard."""
+    start, stop = int(batch["start"][0]), int(batch["stop"][0])
+    t0 = time.time()
+    shard = read_shard(samples, start, stop)
+    scored = score_samples(shard, answer_formats(shard, samples), workers=0)
+    t1 = time.time()
+    write_parquet_atomic(scored, shard_path(Path(folder), start))
+    tokens = int(shard["response_ids"].map(len).sum())
+    return summary(stop - start, tokens, t0, t1, positives=float(scored["score"].sum()))
 
 
 def score(cfg: DictConfig) -> Path:
     """The `score` stage."""
     data = Path(cfg.paths.data)
-    samples = pd.read_parquet(data / "samples.parquet")
-    corpus = score_samples(samples, answer_formats(samples, data / "samples.parquet"), cfg.score.workers)
+    samples = data / "samples.parquet"
+    check_sources(samples)
+    ranges = shard_ranges(pq.ParquetFile(samples).metadata.num_rows, cfg.score.shard_rows)
+    init_ray(cfg)
+    report = run_shards(
+        grade_shard,
+        ranges,
+        data / "corpus_shards",
+        desc="score",
+        unit="resp",
+        tasks=cfg.score.workers,
+        fn_kwargs={"samples": str(samples)},
+    )
+    if report.shards:
+        print(f"[score] {report.line()}")
     out = data / "corpus.parquet"
-    write_parquet_atomic(corpus, out)
-    s = corpus_stats(corpus)
+    rows = combine_shards(data / "corpus_shards", ranges, out)
+    table = pq.read_table(out, columns=["uid", "score"]).to_pandas()
+    per_prompt = table.groupby("uid")["score"].mean()
+    mean_length = mean_list_length(out, "response_ids")
     print(
-        f"[score] {s['responses']} responses of {s['prompts']} prompts: positive rate {s['positive_rate']:.3f}, "
-        f"all correct {s['prompts_all_correct']:.1%} / all wrong {s['prompts_all_wrong']:.1%} of prompts, "
-        f"mean length {s['mean_response_tokens']:.1f} tokens -> {out}"
+        f"[score] {rows} responses of {per_prompt.size} prompts: positive rate {table['score'].mean():.3f}, "
+        f"all correct {(per_prompt == 1).mean():.1%} / all wrong {(per_prompt == 0).mean():.1%} of prompts, "
+        f"mean length {mean_length:.1f} tokens -> {out}"
     )
     return out

@@ -215,9 +215,9 @@ def grade_many(
     The pool does not fork the caller (see `_POOL_CONTEXT`), so a script calling this must, as with
     any spawned pool, keep its top-level code under `if __name__ == "__main__":`. Without `workers`, up to
     `IN_PROCESS_ROWS` rows are graded here: a new pool worker re-imports the caller's main module (seconds,
-    with verl), which costs more than grading them.
+    with verl), which costs more than grading them. `workers=0`: every row here (a one-CPU Ray task).
     """
-    if workers is None and len(rows) <= IN_PROCESS_ROWS:
+    if workers == 0 or (workers is None and len(rows) <= IN_PROCESS_ROWS):
         return _grade_rows(rows)
     parts = [rows[i : i + chunk] for i in range(0, len(rows), chunk)]
     pool = _pool(workers or os.cpu_count() or 1)

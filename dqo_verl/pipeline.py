@@ -166,6 +166,7 @@ STAGES: tuple[Stage, ...] = (
         corpus.score,
         outputs=lambda c: _data(c, "corpus.parquet"),
         inputs=lambda c: _data(c, "samples.parquet"),
+        partial=lambda c: _data(c, "corpus_shards"),
     ),
     Stage(
         "process",

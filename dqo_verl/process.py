@@ -9,12 +9,14 @@ a correct prefix is correct, and finds the same i* whenever that holds, with abo
 instead of up to n-1.
 
 Searches run for many responses at once, one round of probes at a time (`SearchState.next_probe`
-/ `record`), so the rollout engines get large batches.
+/ `record`), so the rollout engines get large batches: the rounds of one shard of responses run on one
+engine actor, and the shards stream over a pool of them on every node (`streaming.py`), so an engine
+whose searches end early takes the next shard instead of waiting for the others' rounds.
 
 The `process` stage (`make process RECIPE=NAME`) reads `${paths.data}/corpus.parquet` and writes
 `${paths.data}/corpus_ps.parquet` (the corpus plus `segment_ends`, `process_rewards`,
 `correct_prefix`), `process_stats.json` and `process_prefix.png` (histogram of i*/n). Completions go
-through the rollout worker group (prefix caching shares each prefix among its K completions); each
+through the engines (prefix caching shares each prefix among its K completions); each
 completion's seed is fixed by (response, prefix, k), so `linear` and `binary` see the same samples for
 the same prefix. Shards are written atomically under `${paths.data}/process_shards/`; a killed run
 resumes from the shards it has.
@@ -27,19 +29,22 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 from matplotlib.figure import Figure
 from omegaconf import DictConfig
-from tqdm import tqdm
 from verl.utils import hf_tokenizer
 
-from dqo_verl.budget import check_budget, engine_config
-from dqo_verl.corpus import answer_formats
+from dqo_verl.budget import check_budget
+from dqo_verl.corpus import check_sources, rollout_actors
 from dqo_verl.data import write_parquet_atomic
 from dqo_verl.grading import grade_many
 from dqo_verl.prompts import answer_format
-from dqo_verl.rollout import RolloutGroup, sample_seed, sampling_params
-from dqo_verl.workers import engines_per_node, init_ray
+from dqo_verl.rollout import sample_seed, sampling_params
+from dqo_verl.streaming import EngineActor, combine_shards, read_shard, run_shards, shard_path, shard_ranges, summary
+from dqo_verl.workers import init_ray
 
 STRATEGIES = ("linear", "binary")
 
@@ -271,55 +276,80 @@ def plot_prefix_histogram(fraction: pd.Series, path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
+class ProcessShards(EngineActor):
+    """Ray Data actor: the searches of one shard of corpus rows at a time, written as that shard's file (the
+    rows with their labels; the completions it cost in the file's metadata)."""
+
+    def __init__(self, rollout: dict, model: str, corpus: str, cfg: DictConfig, params: dict):
+        super().__init__(rollout, model)
+        self.corpus, self.cfg, self.params = corpus, cfg, params
+        self.tokenizer = hf_tokenizer(model)
+
+    def __call__(self, batch: dict[str, np.ndarray], folder: str) -> dict[str, np.ndarray]:
+        start, stop = int(batch["start"][0]), int(batch["stop"][0])
+        t0 = time.time()
+        rows = read_shard(self.corpus, start, stop)
+        labels, spend = run_shard(rows, self, self.cfg, self.tokenizer, self.params)
+        t1 = time.time()
+        for col in labels.columns:
+            rows[col] = labels[col].tolist()
+        spent = {"completions": str(spend.completions), "completion_tokens": str(spend.tokens)}
+        write_parquet_atomic(rows, shard_path(Path(folder), start), metadata=spent)
+        return summary(stop - start, spend.tokens, t0, t1, completions=spend.completions)
+
+
+def spent(shard_dir: Path, ranges: list[tuple[int, int]]) -> Spend:
+    """The completions the shards of `ranges` cost (kept in each shard file's metadata), this run or before."""
+    total = Spend()
+    for start, _ in ranges:
+        meta = pq.read_schema(shard_path(shard_dir, start)).metadata or {}
+        total.completions += int(meta.get(b"completions", 0))
+        total.tokens += int(meta.get(b"completion_tokens", 0))
+    return total
+
+
 def run(cfg: DictConfig) -> Path:
     """The `process` stage."""
     data = Path(cfg.paths.data)
-    corpus = pd.read_parquet(data / "corpus.parquet")
-    answer_formats(corpus, data / "corpus.parquet")  # every source must declare how it is graded
-    tokenizer = hf_tokenizer(cfg.policy.model.path)
-    params = sampling_params(cfg.rollout)
+    corpus = data / "corpus.parquet"
+    check_sources(corpus)  # every source must declare how it is graded
     shard_dir = data / "process_shards"
-    shard_dir.mkdir(parents=True, exist_ok=True)
-    size = cfg.process.shard_rows
-    starts = list(range(0, len(corpus), size))
-    todo = [s for s in starts if not (shard_dir / f"shard_{s:08d}.parquet").exists()]
-    spend, t0 = Spend(), time.perf_counter()
-    if todo:
+    ranges = shard_ranges(pq.ParquetFile(corpus).metadata.num_rows, cfg.process.shard_rows)
+    t0 = time.perf_counter()
+    if any(not shard_path(shard_dir, start).exists() for start, _ in ranges):
         model = {"policy.model.path": cfg.policy.model.path}
         budget = check_budget(cfg, "process", ["data.max_prompt_length", "rollout.max_tokens"], model)
         init_ray(cfg)
-        group = RolloutGroup(
-            engine_config(cfg, budget), cfg.policy.model.path, cfg.trainer.nnodes, engines_per_node(cfg)
+        pool = rollout_actors(cfg, budget)
+        report = run_shards(
+            ProcessShards,
+            ranges,
+            shard_dir,
+            desc=f"process scores ({cfg.process.strategy})",
+            unit="resp",
+            actors=pool["actors"],
+            num_gpus=pool["num_gpus"],
+            fn_constructor_kwargs=dict(
+                rollout=pool["rollout"],
+                model=cfg.policy.model.path,
+                corpus=str(corpus),
+                cfg=cfg,
+                params=sampling_params(cfg.rollout),
+            ),
         )
-        try:
-            for start in tqdm(todo, desc=f"process scores ({cfg.process.strategy})", unit="shard"):
-                shard, s = run_shard(
-                    corpus.iloc[start : start + size].reset_index(drop=True), group, cfg, tokenizer, params
-                )
-                shard["completions"] = s.completions  # per shard, for the statistics
-                shard["completion_tokens"] = s.tokens
-                write_parquet_atomic(shard, shard_dir / f"shard_{start:08d}.parquet")
-        finally:
-            group.shutdown()
-    shards = [pd.read_parquet(shard_dir / f"shard_{s:08d}.parquet") for s in starts]
-    for s in shards:
-        spend.completions += int(s["completions"].iloc[0]) if len(s) else 0
-        spend.tokens += int(s["completion_tokens"].iloc[0]) if len(s) else 0
-    labels = pd.concat(shards, ignore_index=True).drop(columns=["completions", "completion_tokens"])
-    out_corpus = corpus.copy()
-    for col in ("segment_ends", "process_rewards", "correct_prefix"):
-        out_corpus[col] = labels[col].tolist()
+        print(f"[process] {report.line()}")
     out = data / "corpus_ps.parquet"
-    write_parquet_atomic(out_corpus, out)
-
-    failed = out_corpus["score"] != 1.0
-    n_seg = out_corpus["segment_ends"].map(len)
-    fraction = (out_corpus["correct_prefix"] / n_seg)[failed]
+    combine_shards(shard_dir, ranges, out)
+    spend = spent(shard_dir, ranges)
+    labels = pq.read_table(out, columns=["score", "segment_ends", "correct_prefix"])
+    n_seg = pc.list_value_length(labels["segment_ends"]).to_numpy().astype(float)
+    failed = labels["score"].to_numpy() != 1.0
+    fraction = pd.Series(labels["correct_prefix"].to_numpy()[failed] / n_seg[failed])
     stats = {
         "strategy": cfg.process.strategy,
-        "responses": len(out_corpus),
+        "responses": labels.num_rows,
         "failed_responses_searched": int(failed.sum()),
-        "mean_segments": float(n_seg.mean()),
+        "mean_segments": float(n_seg.mean()) if len(n_seg) else 0.0,
         "mean_correct_prefix_fraction": float(fraction.mean()) if len(fraction) else 0.0,
         "completions": spend.completions,
         "generated_tokens": spend.tokens,

