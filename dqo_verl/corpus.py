@@ -34,6 +34,7 @@ from dqo_verl.prompts import ANSWER_FORMAT_OF, answer_format
 from dqo_verl.rollout import engine_name, sample_seed, sampling_params
 from dqo_verl.streaming import (
     EngineActor,
+    StageReport,
     combine_shards,
     mean_list_length,
     read_shard,
@@ -70,7 +71,7 @@ def sample_rows(prompts: pd.DataFrame, first_uid: int, n: int, seed: int, params
 class SampleShards(EngineActor):
     """Ray Data actor: the samples of one shard of prompts at a time, written as that shard's file."""
 
-    def __init__(self, rollout: dict, model: str, prompts: str, n: int, seed: int, params: dict):
+    def __init__(self, rollout: dict, model: str, params: dict, prompts: str, n: int, seed: int):
         super().__init__(rollout, model)
         self.prompts, self.n, self.seed, self.params = prompts, n, seed, params
 
@@ -83,12 +84,36 @@ class SampleShards(EngineActor):
         return summary(stop - start, sum(len(r["response_ids"]) for r in rows), t0, t1)
 
 
-def rollout_actors(cfg: DictConfig, budget: int) -> dict:
-    """run_shards' options for a pool of engine actors: rollout.engines_per_node on each of trainer.nnodes."""
+def run_on_engines(
+    cfg: DictConfig, stage: str, actor: type, ranges: list[tuple[int, int]], folder: Path, unit: str, **kwargs
+) -> StageReport:
+    """Stream the missing shards of `ranges` through a pool of `actor`s, engines on policy.model.path
+    (rollout.engines_per_node on each of trainer.nnodes); `kwargs` go to the actor with the rollout
+    section and sampling parameters. Nothing starts (not even Ray) when every shard exists."""
+    if all(shard_path(folder, start).exists() for start, _ in ranges):
+        return StageReport()
+    model = {"policy.model.path": cfg.policy.model.path}
+    budget = check_budget(cfg, stage, ["data.max_prompt_length", "rollout.max_tokens"], model)
+    init_ray(cfg)
     rollout = {**engine_config(cfg, budget), "engine": engine_name(cfg.rollout.backend)}
     # tp > 1: the engine's own Ray executor places its tp GPU workers; the actor needs none itself
     gpus = 1 if get_device_name() != "cpu" and rollout["tensor_parallel_size"] == 1 else 0
-    return {"actors": engines_per_node(cfg) * cfg.trainer.nnodes, "num_gpus": gpus, "rollout": rollout}
+    engines = engines_per_node(cfg) * cfg.trainer.nnodes
+    print(f"[{stage}] {len(ranges)} shards on {engines} {rollout['engine']} engine(s)")
+    report = run_shards(
+        actor,
+        ranges,
+        folder,
+        desc=stage,
+        unit=unit,
+        actors=engines,
+        num_gpus=gpus,
+        fn_constructor_kwargs=dict(
+            rollout=rollout, model=cfg.policy.model.path, params=sampling_params(cfg.rollout), **kwargs
+        ),
+    )
+    print(f"[{stage}] {report.line()}")
+    return report
 
 
 def run(cfg: DictConfig) -> Path:
@@ -97,34 +122,11 @@ def run(cfg: DictConfig) -> Path:
     prompts = data / "prompts.parquet"
     n_prompts = pq.ParquetFile(prompts).metadata.num_rows
     r = cfg.rollout
-    model = {"policy.model.path": cfg.policy.model.path}
-    budget = check_budget(cfg, "corpus", ["data.max_prompt_length", "rollout.max_tokens"], model)
-    init_ray(cfg)
-    pool = rollout_actors(cfg, budget)
     ranges = shard_ranges(n_prompts, r.shard_prompts)
-    print(
-        f"[corpus] {n_prompts} prompts x {r.n} samples in {len(ranges)} shards on {pool['actors']} "
-        f"{pool['rollout']['engine']} engine(s)"
+    print(f"[corpus] {n_prompts} prompts x {r.n} samples")
+    run_on_engines(
+        cfg, "corpus", SampleShards, ranges, data / "samples_shards", "prompt", prompts=str(prompts), n=r.n, seed=r.seed
     )
-    report = run_shards(
-        SampleShards,
-        ranges,
-        data / "samples_shards",
-        desc="corpus",
-        unit="prompt",
-        actors=pool["actors"],
-        num_gpus=pool["num_gpus"],
-        fn_constructor_kwargs=dict(
-            rollout=pool["rollout"],
-            model=cfg.policy.model.path,
-            prompts=str(prompts),
-            n=r.n,
-            seed=r.seed,
-            params=sampling_params(r),
-        ),
-    )
-    if report.shards:
-        print(f"[corpus] {report.line()}")
     out = data / "samples.parquet"
     rows = combine_shards(data / "samples_shards", ranges, out, rows_per_unit=r.n)
     table = pq.read_table(out, columns=["uid", "sample", "finish_reason"])
@@ -177,7 +179,7 @@ def grade_shard(batch: dict[str, np.ndarray], samples: str, folder: str) -> dict
     t1 = time.time()
     write_parquet_atomic(scored, shard_path(Path(folder), start))
     tokens = int(shard["response_ids"].map(len).sum())
-    return summary(stop - start, tokens, t0, t1, positives=float(scored["score"].sum()))
+    return summary(stop - start, tokens, t0, t1)
 
 
 def score(cfg: DictConfig) -> Path:

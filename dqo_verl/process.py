@@ -37,14 +37,12 @@ from matplotlib.figure import Figure
 from omegaconf import DictConfig
 from verl.utils import hf_tokenizer
 
-from dqo_verl.budget import check_budget
-from dqo_verl.corpus import check_sources, rollout_actors
+from dqo_verl.corpus import check_sources, run_on_engines
 from dqo_verl.data import write_parquet_atomic
 from dqo_verl.grading import grade_many
 from dqo_verl.prompts import answer_format
-from dqo_verl.rollout import sample_seed, sampling_params
-from dqo_verl.streaming import EngineActor, combine_shards, read_shard, run_shards, shard_path, shard_ranges, summary
-from dqo_verl.workers import init_ray
+from dqo_verl.rollout import sample_seed
+from dqo_verl.streaming import EngineActor, combine_shards, read_shard, shard_path, shard_ranges, summary
 
 STRATEGIES = ("linear", "binary")
 
@@ -280,9 +278,9 @@ class ProcessShards(EngineActor):
     """Ray Data actor: the searches of one shard of corpus rows at a time, written as that shard's file (the
     rows with their labels; the completions it cost in the file's metadata)."""
 
-    def __init__(self, rollout: dict, model: str, corpus: str, cfg: DictConfig, params: dict):
+    def __init__(self, rollout: dict, model: str, params: dict, corpus: str, config: DictConfig):
         super().__init__(rollout, model)
-        self.corpus, self.cfg, self.params = corpus, cfg, params
+        self.corpus, self.cfg, self.params = corpus, config, params
         self.tokenizer = hf_tokenizer(model)
 
     def __call__(self, batch: dict[str, np.ndarray], folder: str) -> dict[str, np.ndarray]:
@@ -295,7 +293,7 @@ class ProcessShards(EngineActor):
             rows[col] = labels[col].tolist()
         spent = {"completions": str(spend.completions), "completion_tokens": str(spend.tokens)}
         write_parquet_atomic(rows, shard_path(Path(folder), start), metadata=spent)
-        return summary(stop - start, spend.tokens, t0, t1, completions=spend.completions)
+        return summary(stop - start, spend.tokens, t0, t1)
 
 
 def spent(shard_dir: Path, ranges: list[tuple[int, int]]) -> Spend:
@@ -316,28 +314,7 @@ def run(cfg: DictConfig) -> Path:
     shard_dir = data / "process_shards"
     ranges = shard_ranges(pq.ParquetFile(corpus).metadata.num_rows, cfg.process.shard_rows)
     t0 = time.perf_counter()
-    if any(not shard_path(shard_dir, start).exists() for start, _ in ranges):
-        model = {"policy.model.path": cfg.policy.model.path}
-        budget = check_budget(cfg, "process", ["data.max_prompt_length", "rollout.max_tokens"], model)
-        init_ray(cfg)
-        pool = rollout_actors(cfg, budget)
-        report = run_shards(
-            ProcessShards,
-            ranges,
-            shard_dir,
-            desc=f"process scores ({cfg.process.strategy})",
-            unit="resp",
-            actors=pool["actors"],
-            num_gpus=pool["num_gpus"],
-            fn_constructor_kwargs=dict(
-                rollout=pool["rollout"],
-                model=cfg.policy.model.path,
-                corpus=str(corpus),
-                cfg=cfg,
-                params=sampling_params(cfg.rollout),
-            ),
-        )
-        print(f"[process] {report.line()}")
+    run_on_engines(cfg, "process", ProcessShards, ranges, shard_dir, "resp", corpus=str(corpus), config=cfg)
     out = data / "corpus_ps.parquet"
     combine_shards(shard_dir, ranges, out)
     spend = spent(shard_dir, ranges)

@@ -47,17 +47,17 @@ def shard_ranges(rows: int, size: int) -> list[tuple[int, int]]:
     return [(s, min(s + size, rows)) for s in range(0, rows, size)]
 
 
-def summary(units: int, tokens: int, t0: float, t1: float, **extra: float) -> dict[str, np.ndarray]:
+def summary(units: int, tokens: int, t0: float, t1: float) -> dict[str, np.ndarray]:
     """The one-row batch a worker returns for a finished shard: its size in input rows, tokens generated or
-    read, when its work began and ended (time.time(), writing excluded), its node, and any `extra` sums."""
+    read, when its work began and ended (time.time(), writing excluded), and its node."""
     row = {"units": units, "tokens": tokens, "t0": t0, "t1": t1, "node": ray.get_runtime_context().get_node_id()}
-    return {k: np.asarray([v]) for k, v in {**row, **extra}.items()}
+    return {k: np.asarray([v]) for k, v in row.items()}
 
 
-def read_shard(path: str | Path, start: int, stop: int, columns: list[str] | None = None):
+def read_shard(path: str | Path, start: int, stop: int):
     """Rows [start, stop) of a parquet file as a pandas frame (only the row groups they touch are decoded)."""
     rows = ParquetRows([Path(path)])
-    return rows.take(np.arange(start, stop), columns or rows.columns).to_pandas()
+    return rows.take(np.arange(start, stop), rows.columns).to_pandas()
 
 
 class EngineActor:
@@ -87,7 +87,7 @@ def keep_layout(folder: Path, ranges: list[tuple[int, int]]) -> None:
 @dataclass
 class StageReport:
     """What the workers of one run of a stage did: shards and tokens, time busy and the time window of the
-    work (first start to last end), shards per node, and the sums of the workers' extra numbers."""
+    work (first start to last end), and shards per node."""
 
     workers: int = 1
     shards: int = 0
@@ -97,7 +97,6 @@ class StageReport:
     start: float = float("inf")
     end: float = float("-inf")
     nodes: Counter = field(default_factory=Counter)
-    extra: Counter = field(default_factory=Counter)
 
     def add(self, row: dict) -> None:
         self.shards += 1
@@ -106,8 +105,6 @@ class StageReport:
         self.busy_s += float(row["t1"]) - float(row["t0"])
         self.start, self.end = min(self.start, float(row["t0"])), max(self.end, float(row["t1"]))
         self.nodes[str(row["node"])] += 1
-        for key in row.keys() - {"units", "tokens", "t0", "t1", "node"}:
-            self.extra[key] += float(row[key])
 
     @property
     def window_s(self) -> float:
@@ -133,7 +130,6 @@ def run_shards(
     *,
     desc: str,
     unit: str,
-    units_per_row: float = 1.0,
     actors: int = 0,
     num_gpus: float = 0,
     tasks: int | None = None,
@@ -144,15 +140,15 @@ def run_shards(
 
     `actors` > 0: `fn` is a class, run by that many actors (each with `num_gpus`, else one CPU); 0: `fn` is
     a function, run as one-CPU tasks over the whole cluster (at most `tasks` at once; None: as many as fit).
-    Progress counts `unit`s (`units_per_row` per input row).
+    Progress counts input rows as `unit`s.
     """
     keep_layout(Path(folder), ranges)
     todo = [(a, b) for a, b in ranges if not shard_path(folder, a).exists()]
     done_rows = sum(b - a for a, b in ranges) - sum(b - a for a, b in todo)
     report = StageReport(workers=actors or tasks or 1)
     bar = tqdm(
-        total=round(sum(b - a for a, b in ranges) * units_per_row),
-        initial=round(done_rows * units_per_row),
+        total=sum(b - a for a, b in ranges),
+        initial=done_rows,
         desc=desc,
         unit=unit,
     )
@@ -174,7 +170,7 @@ def run_shards(
         options.update(num_cpus=1, concurrency=tasks)
     for row in work.map_batches(fn, **options).iter_rows():
         report.add(row)
-        bar.update(round(int(row["units"]) * units_per_row))
+        bar.update(int(row["units"]))
         if report.tokens and report.window_s:
             bar.set_postfix(tok_s=f"{report.tokens / report.window_s:.0f}")
     bar.close()

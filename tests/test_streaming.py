@@ -43,10 +43,10 @@ def test_combine_joins_shards_in_order_and_checks_each_shards_rows(tmp_path):
 def test_a_stage_report_sums_shards_per_node_and_the_engines_busy_share():
     report = StageReport(workers=2)
     for t0, t1, node in ((0.0, 4.0, "a"), (0.0, 2.0, "b"), (2.0, 3.0, "b")):
-        report.add({"units": 2, "tokens": 10, "t0": t0, "t1": t1, "node": node, "positives": 1.0})
+        report.add({"units": 2, "tokens": 10, "t0": t0, "t1": t1, "node": node})
     assert (report.shards, report.units, report.tokens, report.window_s) == (3, 6, 30, 4.0)
     assert report.busy_share == pytest.approx(7 / 8) and report.nodes == {"a": 1, "b": 2}
-    assert report.extra["positives"] == 3.0 and "node a: 1, node b: 2" in report.line()
+    assert "node a: 1, node b: 2" in report.line()
 
 
 @pytest.mark.slow
@@ -56,11 +56,11 @@ def test_shards_stream_through_tasks_and_a_rerun_makes_only_the_missing_ones(ray
     def squares(batch, folder):  # a local function: Ray pickles it by value
         start, stop = int(batch["start"][0]), int(batch["stop"][0])
         write_parquet_atomic(pd.DataFrame({"x": [r * r for r in range(start, stop)]}), shard_path(folder, start))
-        return summary(stop - start, 0, 0.0, 1.0, squares=float(stop - start))
+        return summary(stop - start, 0, 0.0, 1.0)
 
     ranges, folder = shard_ranges(11, 3), tmp_path / "shards"
     first = run_shards(squares, ranges, folder, desc="squares", unit="row", tasks=2)
-    assert (first.shards, first.units, first.extra["squares"]) == (4, 11, 11.0) and len(first.nodes) == 1
+    assert (first.shards, first.units) == (4, 11) and len(first.nodes) == 1
     kept = {a: shard_path(folder, a).stat().st_mtime_ns for a, _ in ranges if a != 6}
     shard_path(folder, 6).unlink()  # a run killed before this shard was written
     again = run_shards(squares, ranges, folder, desc="squares", unit="row", tasks=2)
