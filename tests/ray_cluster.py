@@ -18,8 +18,14 @@ from pathlib import Path
 import psutil
 
 RAY = str(Path(sys.executable).with_name("ray"))
-# the same auth mode for head, raylets and clients, whatever ~/.ray holds on this machine
-ENV = {"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
+# the same auth mode for head, raylets and clients, whatever ~/.ray holds on this machine; a lost node is declared
+# dead after about 3 s of failed health checks (Ray's default: 15 s)
+ENV = {
+    "RAY_AUTH_MODE": "disabled",
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "RAY_health_check_period_ms": "1000",
+    "RAY_health_check_failure_threshold": "3",
+}
 
 
 def free_port() -> int:
@@ -54,6 +60,7 @@ class LocalRayCluster:
         self.address = f"127.0.0.1:{self.gcs_port}"
         self.dashboard_url = f"http://127.0.0.1:{self.dashboard_port}"
         self.procs: list[subprocess.Popen] = []
+        self.nodes: dict[str, subprocess.Popen] = {}
         self.pids: set[int] = set()
         common = ["--block", "--node-ip-address=127.0.0.1", f"--num-cpus={cpus_per_node}", "--num-gpus=0"]
         head = [
@@ -81,6 +88,7 @@ class LocalRayCluster:
         log = open(self.temp_dir / f"{name}.log", "w")
         proc = subprocess.Popen(cmd, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         self.procs.append(proc)
+        self.nodes[name] = proc
         self.pids.add(proc.pid)
 
     def _ray(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
@@ -153,6 +161,17 @@ class LocalRayCluster:
         for proc in psutil.process_iter(["pid", "cmdline"]):
             if any(marker in part for part in proc.info["cmdline"] or ()):
                 self.pids.add(proc.info["pid"])
+
+    def kill_node(self, name: str) -> None:
+        """SIGKILL a node (e.g. "node1"): its `ray start`, raylet and every worker process on it."""
+        root = psutil.Process(self.nodes[name].pid)
+        procs = [root, *root.children(recursive=True)]
+        for p in procs:
+            try:
+                p.kill()
+            except psutil.NoSuchProcess:
+                pass
+        psutil.wait_procs(procs, timeout=10)
 
     def stop(self) -> None:
         """End every process this cluster started: SIGTERM, then SIGKILL what is left."""

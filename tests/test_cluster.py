@@ -12,6 +12,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import torch
 from ray_cluster import LocalRayCluster
@@ -61,8 +62,8 @@ def driver_env(cluster):
     return {**cluster.env, "PYTHONUNBUFFERED": "1"}
 
 
-def start_driver(cluster, args, log: Path) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "dqo_verl.main", *args, f"ray_init.address={cluster.address}"]
+def start_driver(cluster, args, log: Path, module: str = "dqo_verl.main") -> subprocess.Popen:
+    cmd = [sys.executable, "-m", module, *args, f"ray_init.address={cluster.address}"]
     return subprocess.Popen(
         cmd, cwd=REPO, env=driver_env(cluster), stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True
     )
@@ -204,3 +205,105 @@ def test_a_killed_worker_stops_the_driver_naming_its_group(cluster, tiny_models,
     for part in ("policy", "value"):
         assert len(list((last / part).glob("model_world_size_2_rank_*.pt"))) == 2
         assert (last / part / "huggingface" / "model.safetensors").exists()
+
+
+# ---- the data stages on the two nodes (last in this file: it takes a node away)
+
+
+PIPELINE = "dqo_verl.pipeline"
+
+
+def stage_args(policy, root: Path, *extra: str) -> list[str]:
+    """The corpus and score stages of the tiny recipe on a given policy (no warm-up, no value model): 12 prompts
+    x 4 samples, a prompt per shard, one HF engine per node; 8 responses per graded shard."""
+    return [
+        "+recipe=tiny_cpu",
+        f"paths.root={root}",
+        "sft=null",
+        "models.base=null",
+        "models.value=null",
+        f"policy.model.path={policy}",
+        "rollout.backend=hf",
+        "rollout.n=4",
+        "rollout.max_tokens=48",
+        "rollout.shard_prompts=1",
+        "rollout.engines_per_node=1",
+        "trainer.nnodes=2",
+        "score.shard_rows=8",
+        *extra,
+    ]
+
+
+def shards_by_node(stage: str, text: str) -> dict[str, int]:
+    """{node: shards} from a stage's `[stage] N shards (node a: n, node b: m); ...` line."""
+    line = re.search(rf"\[{stage}\] \d+ shards \(([^)]*)\)", text)
+    assert line, text[-3000:]
+    return {node: int(n) for node, n in re.findall(r"node (\w+): (\d+)", line.group(1))}
+
+
+def test_data_stages_stream_over_both_nodes_resume_after_a_kill_and_survive_a_lost_node(cluster, tiny_models, tmp_path):
+    from transformers import AutoTokenizer
+
+    from dqo_verl.data import write_parquet_atomic
+    from dqo_verl.prompts import add_prompt_ids, build_synthetic_prompts
+
+    policy, root = tiny_models[0], tmp_path / "root"
+    data = root / "data"
+    prompts = add_prompt_ids(build_synthetic_prompts(12, seed=0), AutoTokenizer.from_pretrained(policy))
+    write_parquet_atomic(prompts, data / "prompts.parquet")
+    shards = data / "samples_shards"
+
+    def written():
+        return {p.name: p.stat().st_mtime_ns for p in shards.glob("shard_*.parquet")}
+
+    # the driver killed midway through the corpus
+    args = stage_args(policy, root, "pipeline.stages=[corpus]")
+    proc = start_driver(cluster, args, tmp_path / "killed.log", PIPELINE)
+    wait_for(lambda: len(written()) >= 2, proc=proc, what="two corpus shards")
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    before = written()
+    assert 2 <= len(before) < 12, (tmp_path / "killed.log").read_text()[-2000:]
+
+    # rerun: the missing shards only, then grading; each stage's work on both nodes
+    rerun = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "dqo_verl.pipeline",
+            *stage_args(policy, root, "pipeline.stages=[corpus,score]"),
+            f"ray_init.address={cluster.address}",
+        ],
+        cwd=REPO,
+        env=driver_env(cluster),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    print(rerun.stdout[-4000:])  # the stages' lines, shards per node among them, in the test's output
+    assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
+    corpus_nodes, score_nodes = shards_by_node("corpus", rerun.stdout), shards_by_node("score", rerun.stdout)
+    assert len(corpus_nodes) == 2 and sum(corpus_nodes.values()) == 12 - len(before)
+    assert len(score_nodes) == 2 and sum(score_nodes.values()) == 6
+    assert {name: written()[name] for name in before} == before  # finished shards were not redone
+    samples = pd.read_parquet(data / "samples.parquet")
+    assert [(u, k) for u, k in zip(samples["uid"], samples["sample"])] == [(u, k) for u in range(12) for k in range(4)]
+    scored = pd.read_parquet(data / "corpus.parquet", columns=["uid", "sample", "score"])
+    assert scored[["uid", "sample"]].equals(samples[["uid", "sample"]]) and scored["score"].isin([0.0, 1.0]).all()
+
+    # the corpus made again, and a node lost midway: its engine's shard is retried on the other node
+    log = tmp_path / "lost_node.log"
+    args = stage_args(policy, root, "pipeline.stages=[corpus]", "pipeline.redo=corpus")
+    proc = start_driver(cluster, args, log, PIPELINE)
+    wait_for(lambda: "[corpus] 12 prompts" in log.read_text() and len(written()) >= 1, proc=proc, what="a shard")
+    cluster.kill_node("node1")
+    try:
+        code = proc.wait(timeout=300)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    text = log.read_text()
+    print(text[-3000:])
+    assert code == 0, text[-3000:]
+    again = pd.read_parquet(data / "samples.parquet")
+    assert len(again) == 48 and again["response"].tolist() == samples["response"].tolist()  # seeded per sample
