@@ -1,5 +1,6 @@
-"""Cluster use on a throw-away 2-node Ray cluster: `ray job submit`, exact resume after SIGKILL,
-a killed worker. Each test stops only the processes its cluster started."""
+"""Cluster use on a throw-away 2-node Ray cluster: `ray job submit`, a killed worker, exact resume; the data stages
+streaming over both nodes, resumed after a SIGKILLed driver and surviving a lost node. Each test stops only the
+processes its cluster started."""
 
 import json
 import os
@@ -99,9 +100,21 @@ def records(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_job_submit_on_two_nodes_then_a_sigkilled_run_resumes_bit_exact(cluster, tiny_models, tiny_corpus, tmp_path):
-    """A straight run through `ray job submit` and, beside it, the same run killed mid-update and resumed:
-    the same weights, data order and losses."""
+def training_worker_pids(cluster) -> list[int]:
+    """The processes of the policy and value models (colocated: one per rank) of the one run on the cluster."""
+    out = cluster._ray("list", "actors", f"--address={cluster.dashboard_url}", "--format=json", "--limit=1000").stdout
+    return [
+        a["pid"]
+        for a in json.loads(out)
+        if (a.get("name") or "").startswith("dqo_policy_value_") and a["state"] == "ALIVE"
+    ]
+
+
+def test_a_killed_worker_stops_the_driver_then_the_run_resumes_bit_exact_beside_a_submitted_job(
+    cluster, tiny_models, tiny_corpus, tmp_path
+):
+    """A run whose worker is killed mid-run stops naming the group, its last checkpoint whole; rerun, it resumes
+    and ends with the same weights, data order and losses as the same run made straight through `ray job submit`."""
     # 64 rows / 16 = 4 updates in one epoch; checkpoints every 2 updates, keep 1
     common = [
         "data.train_batch_size=16",
@@ -111,22 +124,36 @@ def test_job_submit_on_two_nodes_then_a_sigkilled_run_resumes_bit_exact(cluster,
         *MICRO_BATCHES_OF_8,
     ]
     straight, broken = tmp_path / "straight", tmp_path / "broken"
+    log = tmp_path / "broken1.log"
+    proc = start_driver(cluster, overrides(tiny_models, tiny_corpus, broken, *common), log)
+    try:
+        wait_for(lambda: (broken / "metrics.jsonl").exists(), proc=proc, what="the first update")
+        pids = training_worker_pids(cluster)  # the groups of this run only: nothing else runs yet
+        assert len(pids) == 2
+        wait_for(lambda: tracker_step(broken) == 2, proc=proc, what="the step-2 checkpoint")
+        os.kill(pids[1], signal.SIGKILL)  # mid-epoch, in update 3 of 4 (or, on a slow machine, a later step)
+        code = proc.wait(timeout=180)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    text = log.read_text()
+    assert code != 0
+    # the kill lands during an update or while a checkpoint is written
+    assert re.search(r"error: worker group '(policy|value)' failed at step \d+(, saving \S+)?: \w*Error", text), text[
+        -3000:
+    ]
+    step = tracker_step(broken)
+    assert step is not None and step >= 2
+    last = broken / "checkpoints" / f"global_step_{step}"
+    assert json.loads((last / "trainer_state.json").read_text())["global_step"] == step
+    for part in ("policy", "value"):
+        assert len(list((last / part).glob("model_world_size_2_rank_*.pt"))) == 2
+        assert (last / part / "huggingface" / "model.safetensors").exists()
+
+    # the straight run submitted as a job, the broken one resumed beside it
     job = cluster.submit(
         ["python", "-m", "dqo_verl.main", *overrides(tiny_models, tiny_corpus, straight, *common)], working_dir=REPO
     )
-    proc = start_driver(cluster, overrides(tiny_models, tiny_corpus, broken, *common), tmp_path / "broken1.log")
-    wait_for(lambda: tracker_step(broken) == 2, proc=proc, what="the step-2 checkpoint")
-    os.killpg(proc.pid, signal.SIGKILL)  # mid-epoch, in update 3 of 4
-    proc.wait()
-    before = records(broken)
-    assert 2 <= len(before) < 4
-
-    status, logs = cluster.wait_job(job)
-    assert status == "SUCCEEDED", logs[-3000:]
-    assert "[pool] 2 ranks on 2 node(s) (cpu)" in logs
-    assert (straight / "export" / "policy" / "model.safetensors").exists()
-    assert tracker_step(straight) == 4
-
     resumed = subprocess.run(
         [
             sys.executable,
@@ -141,7 +168,12 @@ def test_job_submit_on_two_nodes_then_a_sigkilled_run_resumes_bit_exact(cluster,
         text=True,
     )
     assert resumed.returncode == 0, resumed.stdout[-3000:]
-    assert "[resume]" in resumed.stdout and "global_step_2 (global step 2)" in resumed.stdout
+    assert "[resume]" in resumed.stdout and f"global_step_{step} (global step {step})" in resumed.stdout
+    status, logs = cluster.wait_job(job)
+    assert status == "SUCCEEDED", logs[-3000:]
+    assert "[pool] 2 ranks on 2 node(s) (cpu)" in logs
+    assert (straight / "export" / "policy" / "model.safetensors").exists()
+    assert tracker_step(straight) == 4
 
     a, b = weights(straight, 4), weights(broken, 4)
     for part in ("policy", "value"):
@@ -158,53 +190,6 @@ def test_job_submit_on_two_nodes_then_a_sigkilled_run_resumes_bit_exact(cluster,
     # keep-last-1 pruning; nothing half-written left behind
     assert [p.name for p in (broken / "checkpoints").glob("global_step_*")] == ["global_step_4"]
     assert not list((broken / "checkpoints").glob(".*"))
-
-
-def training_worker_pids(cluster) -> list[int]:
-    """The processes of the policy and value models (colocated: one per rank)."""
-    out = cluster._ray("list", "actors", f"--address={cluster.dashboard_url}", "--format=json", "--limit=1000").stdout
-    return [
-        a["pid"]
-        for a in json.loads(out)
-        if (a.get("name") or "").startswith("dqo_policy_value_") and a["state"] == "ALIVE"
-    ]
-
-
-def test_a_killed_worker_stops_the_driver_naming_its_group(cluster, tiny_models, tiny_corpus, tmp_path):
-    out = tmp_path / "run"
-    args = overrides(
-        tiny_models,
-        tiny_corpus,
-        out,
-        "data.train_batch_size=16",
-        "trainer.total_epochs=4",
-        "trainer.save_freq=2",
-        *MICRO_BATCHES_OF_8,
-    )
-    log = tmp_path / "driver.log"
-    proc = start_driver(cluster, args, log)
-    wait_for(lambda: tracker_step(out) == 2, proc=proc, what="the step-2 checkpoint")
-    pids = training_worker_pids(cluster)
-    assert len(pids) == 2
-    os.kill(pids[1], signal.SIGKILL)
-    try:
-        code = proc.wait(timeout=180)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-    text = log.read_text()
-    assert code != 0
-    # the kill lands during an update or, on a slow machine, while a later checkpoint is written
-    assert re.search(r"error: worker group '(policy|value)' failed at step \d+(, saving \S+)?: \w*Error", text), text[
-        -3000:
-    ]
-    step = tracker_step(out)
-    assert step is not None and step >= 2
-    last = out / "checkpoints" / f"global_step_{step}"
-    assert json.loads((last / "trainer_state.json").read_text())["global_step"] == step
-    for part in ("policy", "value"):
-        assert len(list((last / part).glob("model_world_size_2_rank_*.pt"))) == 2
-        assert (last / part / "huggingface" / "model.safetensors").exists()
 
 
 # ---- the data stages on the two nodes (last in this file: it takes a node away)

@@ -151,7 +151,7 @@ def test_evaluate_tiny_models_on_local_files(ray_session, tiny_models, trained_t
             "evaluate.names=[random,trained]",
             f"evaluate.out_dir={tmp_path / 'eval'}",
             "evaluate.sets=[synthetic,gsm8k,aime24]",
-            "evaluate.datasets.synthetic.limit=12",
+            "evaluate.datasets.synthetic.limit=6",
             f"evaluate.datasets.gsm8k.path={gsm8k_file(tmp_path, 8)}",
             "evaluate.datasets.gsm8k.max_tokens=16",
             f"evaluate.datasets.aime24.path={aime_file(tmp_path)}",
@@ -163,7 +163,7 @@ def test_evaluate_tiny_models_on_local_files(ray_session, tiny_models, trained_t
             f"evaluate.value.model={tiny_models[1]}",
             "evaluate.value.n=4",
             "evaluate.value.sets=[synthetic,aime24]",
-            "evaluate.value.beam={beams:2,k:2,max_rounds:8}",
+            "evaluate.value.beam={beams:2,k:2,max_rounds:4}",
             "evaluate.value.by=[value,q]",
             f"evaluate.value.reference={tiny_models[0]}",
         ],
@@ -174,7 +174,7 @@ def test_evaluate_tiny_models_on_local_files(ray_session, tiny_models, trained_t
     n_aime = len(pd.read_parquet(aime_file(tmp_path)))
     # greedy, 2 seeds (4 samples on aime24), and (not on gsm8k) 4 value-guided samples, the 2 answers chosen from
     # them by V, by Q and by vote, and the answers of the beams by V and by Q
-    per_model = 12 * (1 + 2) + 8 * (1 + 2) + n_aime * (1 + 4) + (12 + n_aime) * (4 + 3 + 2)
+    per_model = 6 * (1 + 2) + 8 * (1 + 2) + n_aime * (1 + 4) + (6 + n_aime) * (4 + 3 + 2)
     assert len(samples) == 2 * per_model
     assert set(samples["score"]) <= {0.0, 1.0}
     assert set(summary) == {"random", "trained"}
@@ -218,7 +218,7 @@ def test_evaluate_tiny_models_on_local_files(ray_session, tiny_models, trained_t
     assert "| trained" in printed and (tmp_path / "eval" / "table.csv").exists()
     assert json.loads((tmp_path / "eval" / "summary.json").read_text())["models"]["trained"] == str(trained_tiny_policy)
     greedy = samples[(samples["decoding"] == "greedy") & (samples["model"] == "trained")]
-    assert greedy.groupby("dataset").size().to_dict() == {"synthetic": 12, "gsm8k": 8, "aime24": n_aime}
+    assert greedy.groupby("dataset").size().to_dict() == {"synthetic": 6, "gsm8k": 8, "aime24": n_aime}
     # gsm8k's own max_tokens (16), the others' evaluate.max_tokens (64): one character per token here
     lengths = samples.groupby("dataset")["response"].agg(lambda r: r.str.len().max())
     assert lengths["gsm8k"] <= 16 < lengths["synthetic"] <= 64
