@@ -78,13 +78,13 @@ eval-epochs: install
 # every method (SFT, RS, DPO, KTO, DRO, DQO, DQO + process scores) and the ablations on a recipe's corpus, one
 # table under <paths.root>/compare/ (not part of make test; the embedded default takes about an hour on 2 cores)
 compare: install $(if $(filter realism%,$(RECIPE)),realism-extras)
-	$(PY) -m dqo_verl.compare +recipe=$(RECIPE) $(ARGS)
+	$(PY) -m dqo_verl.pipeline.compare +recipe=$(RECIPE) $(ARGS)
 
 # iterative DQO: round 1 is the recipe's pipeline, each further round samples a new corpus from the last
 # round's policy and continues DQO from it; a per-round table under <paths.root>/iterate/
 ROUNDS ?= 3
 iterate: install $(if $(filter realism%,$(RECIPE)),realism-extras)
-	$(PY) -m dqo_verl.iterate +recipe=$(RECIPE) iterate.rounds=$(ROUNDS) $(ARGS)
+	$(PY) -m dqo_verl.pipeline.iterate +recipe=$(RECIPE) iterate.rounds=$(ROUNDS) $(ARGS)
 
 # the tiny default's models: base, SFT warm-up, value
 tiny-model: install

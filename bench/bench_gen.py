@@ -26,14 +26,16 @@ from pathlib import Path
 from omegaconf import OmegaConf
 from transformers import AutoTokenizer
 
-from dqo_verl.cli import compose_config
-from dqo_verl.corpus import SampleShards
-from dqo_verl.data import write_parquet_atomic
-from dqo_verl.prompts import add_prompt_ids, build_synthetic_prompts
-from dqo_verl.rollout import CPU_ENGINE_ENV, sampling_params
-from dqo_verl.streaming import combine_shards, mean_list_length, run_shards, shard_ranges
-from dqo_verl.tiny_model import build_tiny_policy
-from dqo_verl.workers import init_ray
+from data_prep.corpus import SampleShards
+from data_prep.sources import build_synthetic_prompts
+from data_prep.streaming import combine_shards, mean_list_length, run_shards
+from data_prep.tiny_model import build_tiny_policy
+from dqo_verl.config.compose import compose_config
+from dqo_verl.data.chat import add_prompt_ids
+from dqo_verl.data.io import write_parquet_atomic
+from dqo_verl.data.shards import shard_ranges
+from dqo_verl.workers.groups import init_ray
+from dqo_verl.workers.rollout import CPU_ENGINE_ENV, sampling_params
 
 STOP_CHARACTERS = "0123456789+-*/=()"
 

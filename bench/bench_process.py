@@ -17,10 +17,11 @@ import pandas as pd
 from omegaconf import OmegaConf
 from verl.utils import hf_tokenizer
 
-from dqo_verl.cli import compose_config
-from dqo_verl.process import search_prefixes, segment_ends
-from dqo_verl.rollout import RolloutGroup, sampling_params
-from dqo_verl.workers import engines_per_node, init_ray
+from data_prep.process import search_prefixes
+from dqo_verl.config.compose import compose_config
+from dqo_verl.reward.steps import segment_ends
+from dqo_verl.workers.groups import engines_per_node, init_ray
+from dqo_verl.workers.rollout import RolloutGroup, sampling_params
 
 
 def main() -> None:

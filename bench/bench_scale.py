@@ -60,9 +60,9 @@ def write_corpus(path: Path, rows: int, vocab: int, seed: int = 0, chunk: int = 
 
 def train_here(corpus: Path, models: Path, steps: int) -> dict:
     """DQO on `corpus` in this process (the driver); its peak RSS and times."""
-    from dqo_verl.cli import compose_config
-    from dqo_verl.trainers import make_trainer
-    from dqo_verl.workers import init_ray
+    from dqo_verl.config.compose import compose_config
+    from dqo_verl.trainer.methods import make_trainer
+    from dqo_verl.workers.groups import init_ray
 
     cfg = compose_config(
         "tiny_cpu",
@@ -99,9 +99,9 @@ def train_here(corpus: Path, models: Path, steps: int) -> dict:
 
 def ref_cache_writes(corpus: Path, work: Path) -> dict:
     """Seconds to write the 160k-row reference cache: as shards of log-probs, and as the old single file."""
-    from dqo_verl.data import write_parquet_atomic
-    from dqo_verl.ref_cache import write_shard
-    from dqo_verl.trainset import ParquetRows
+    from dqo_verl.data.io import write_parquet_atomic
+    from dqo_verl.data.trainset import ParquetRows
+    from dqo_verl.trainer.ref_cache import write_shard
 
     reader = ParquetRows([corpus])
     start = time.perf_counter()
@@ -135,8 +135,8 @@ def main() -> None:
 
 def memory(args) -> float:
     """Driver peak RSS training on the large corpus over the small one (and the check and cache-write times)."""
-    from dqo_verl.models import build_value_model
-    from dqo_verl.tiny_model import build_tiny_policy
+    from data_prep.models import build_value_model
+    from data_prep.tiny_model import build_tiny_policy
 
     work = Path(tempfile.mkdtemp(prefix="bench-scale-"))
     policy = build_tiny_policy(work / "policy", seed=0)

@@ -22,13 +22,13 @@ import pandas as pd
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForTokenClassification
 
-from dqo_verl import algo
-from dqo_verl.cli import compose_config
-from dqo_verl.data import BatchSpec, build_batch, epoch_batches
-from dqo_verl.models import build_value_model
-from dqo_verl.tiny_model import build_tiny_policy
-from dqo_verl.trainers import make_trainer
-from dqo_verl.workers import init_ray
+from data_prep.models import build_value_model
+from data_prep.tiny_model import build_tiny_policy
+from dqo_verl.config.compose import compose_config
+from dqo_verl.trainer import algo
+from dqo_verl.trainer.batches import BatchSpec, build_batch, epoch_batches
+from dqo_verl.trainer.methods import make_trainer
+from dqo_verl.workers.groups import init_ray
 
 
 def make_corpus(path: Path, rows: int, prompt_len: int, response_len: int, vocab: int, seed: int) -> None:

@@ -12,15 +12,15 @@ os.environ["RAY_ENABLE_AUTO_CONNECT"] = "0"
 import pandas as pd
 import pytest
 
-from dqo_verl import synthetic
-from dqo_verl.grading import grade
+from data_prep import synthetic
+from dqo_verl.reward.grading import grade
 
 
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory):
     """(policy_dir, value_dir) of a seeded random tiny Qwen2 and its value model."""
-    from dqo_verl.models import build_value_model
-    from dqo_verl.tiny_model import build_tiny_policy
+    from data_prep.models import build_value_model
+    from data_prep.tiny_model import build_tiny_policy
 
     root = tmp_path_factory.mktemp("tiny")
     policy = build_tiny_policy(root / "policy", seed=0)
@@ -87,7 +87,7 @@ def ray_session(ray_temp_dir):
     again."""
     import ray
 
-    from dqo_verl.workers import PLUGIN_ENV
+    from dqo_verl.workers.groups import PLUGIN_ENV
 
     if not ray.is_initialized():
         ray.init(

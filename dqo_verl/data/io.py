@@ -1,0 +1,67 @@
+"""The offline corpus: read, check and batch it in verl's left/right-padded layout.
+
+One parquet row per (prompt, response) (docs/design.md, "Data"). The trainer needs `prompt_ids`,
+`response_ids` (token id lists) and `score` (outcome reward); `segment_ends` (response token
+indices where a step ends), `process_rewards` (one per segment end) and `ref_logprobs` (one per
+response token) are optional.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+# rows per parquet row group in what we write: a trainer reading an update's rows decodes the groups they lie in
+ROW_GROUP_ROWS = 256
+
+
+def write_parquet_atomic(df: pd.DataFrame, path: str | os.PathLike, metadata: dict | None = None) -> None:
+    """Write parquet (row groups of ROW_GROUP_ROWS rows) to a temp file in the same folder, then rename over `path`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    table = pa.Table.from_pandas(df, preserve_index=False)
+    if metadata:
+        table = table.replace_schema_metadata({**(table.schema.metadata or {}), **metadata})
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        pq.write_table(table, tmp, row_group_size=ROW_GROUP_ROWS)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_json_atomic(path: str | os.PathLike, obj) -> None:
+    """Write `obj` as indented JSON to a temp file in the same folder, then rename over `path`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def parquet_metadata(path: str | os.PathLike) -> dict:
+    """Schema metadata of a parquet file as str -> str."""
+    meta = pq.read_schema(path).metadata or {}
+    return {k.decode(): v.decode() for k, v in meta.items()}
+
+
+def build_folder(out: Path, fill: Callable[[Path], object]) -> Path:
+    """`fill(tmp)` writes a temporary folder beside `out`, which is then renamed to `out`."""
+    out = Path(out)
+    tmp = out.with_name(f".{out.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fill(tmp)
+    shutil.rmtree(out, ignore_errors=True)
+    os.rename(tmp, out)
+    return out

@@ -1,0 +1,138 @@
+"""Evaluation harness (paper §5.2, Tables 2/3/9): policies x datasets x decodings -> a Table-2-style report.
+
+The `eval` stage (`make eval RECIPE=NAME CKPTS="dir1 dir2"`, or `evaluate.models=[dir1,dir2]`) evaluates
+HF checkpoints (e.g. `export/policy` or a checkpoint's `policy/huggingface`) on the recipe's
+evaluation sets, with the training prompt templates, on the rollout worker group (vLLM or transformers):
+
+- greedy decoding, and sampling (temperature 0.7, top_p 0.9, top_k 16, min_p 0.01) over 5 seeds,
+  reported as mean +- std (sample std over the seeds);
+- AIME24: 30 samples per problem, the mean pass rate, and unbiased pass@k for `evaluate.pass_k`.
+
+Writes `${evaluate.out_dir}/samples.parquet` (model, dataset, decoding, seed, prompt, response,
+pred, score), `table.md`, `table.csv` and `summary.json`, and prints the table.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import pandas as pd
+from omegaconf import DictConfig
+
+from dqo_verl.eval.sampling import grade_answers
+from dqo_verl.eval.search import ValueBeam, best_by_value, majority_vote, run_beams
+from dqo_verl.reward.steps import STEP_SEPARATOR
+from dqo_verl.workers.rollout import RolloutGroup, sample_seed
+from dqo_verl.workers.values import ValueGroup, final_value, step_q
+
+BEAM_LABELS = {"value": "value", "q": "Q"}  # evaluate.value.by -> the beam column's name
+
+
+def value_guided(
+    results: list[dict], prompts: pd.DataFrame, values: ValueGroup, eos_token_id: int, beta: float | None = None
+) -> list[dict]:
+    """N samples per problem -> the samples with their final value (decoding `sample xN`), and per problem the
+    sample with the highest value (`best-of-N (V)`) and the one majority voting picks (`majority@N`); given
+    `beta` (value workers serving log-ratios), also each sample's Q estimate of its outcome, V(s_0) + beta *
+    log(pi/pi_ref) of the whole response, and the sample with the highest (`best-of-N (Q)`). Every row carries
+    the tokens its problem's N samples cost."""
+    n = max(r["sample"] for r in results) + 1
+    requests = ([prompts.iloc[r["uid"]]["prompt_ids"] for r in results], [r["response_ids"] for r in results])
+    if beta is None:
+        state_values = values.state_values(*requests)
+    else:
+        state_values, ratios = values.values_and_log_ratios(*requests)
+        for r, v, lr in zip(results, state_values, ratios):
+            r["q_value"] = step_q(v, lr, 0, beta)
+    for r, v in zip(results, state_values):
+        r["value"] = final_value(v, r["response_ids"], eos_token_id)
+    by_problem: dict[int, list[dict]] = {}
+    for r in results:
+        by_problem.setdefault(r["uid"], []).append(r)
+    rows = []
+    for group in by_problem.values():
+        tokens = sum(len(r["response_ids"]) for r in group)
+        rows += [{**r, "decoding": f"sample x{n}", "tokens": tokens} for r in group]
+        picks = {"V": best_by_value([r["value"] for r in group])}
+        if beta is not None:
+            picks["Q"] = best_by_value([r["q_value"] for r in group])
+        rows += [{**group[i], "decoding": f"best-of-{n} ({by})", "tokens": tokens} for by, i in picks.items()]
+        rows += [{**group[majority_vote([r["pred"] for r in group])], "decoding": f"majority@{n}", "tokens": tokens}]
+    return rows
+
+
+def beam_and_grade(
+    group: RolloutGroup,
+    values: ValueGroup,
+    prompts: pd.DataFrame,
+    seed: int,
+    params: dict,
+    tokenizer,
+    beam: DictConfig,
+    workers: int | None = None,
+    beta: float | None = None,
+    separator: str = STEP_SEPARATOR,
+) -> list[dict]:
+    """Step-level beam search for every prompt (`search.ValueBeam`; a step ends at `separator`), by V of the new
+    prefix or, given `beta` and value workers serving log-ratios (`load_policies`), by Q of the step;
+    graded: one dict per prompt with the best finished beam, its score and the tokens the search generated."""
+    max_tokens, eos = params["max_tokens"], tokenizer.eos_token_id
+    searches = [ValueBeam(beam.beams, beam.k, beam.max_rounds) for _ in range(len(prompts))]
+    prompt_ids = [list(p) for p in prompts["prompt_ids"]]
+    rounds = [0]
+
+    def expand(requests, k):
+        # a seed per (problem, round, beam of that problem, continuation): independent of the other problems
+        beam_of, count = [], Counter()
+        for i, _ in requests:
+            beam_of.append(count[i])
+            count[i] += 1
+        reqs = [(i, prefix, b, j) for (i, prefix), b in zip(requests, beam_of) for j in range(k)]
+        outs = group.generate(
+            [prompt_ids[i] + list(prefix) for i, prefix, _, _ in reqs],
+            [sample_seed(seed, i, rounds[0], b, j) for i, _, b, j in reqs],
+            {**params, "stop": [separator]},
+            max_tokens=[max_tokens - len(prefix) for _, prefix, _, _ in reqs],
+        )
+        rounds[0] += 1
+        conts = [
+            (
+                tuple(o["response_ids"]),
+                o["finish_reason"] != "step" or len(prefix) + len(o["response_ids"]) >= max_tokens,
+            )
+            for (_, prefix, _, _), o in zip(reqs, outs)
+        ]
+        return [conts[n * k : (n + 1) * k] for n in range(len(requests))]
+
+    def score(requests, continuations):
+        flat = [
+            (i, list(prefix) + list(new), len(prefix))
+            for (i, prefix), conts in zip(requests, continuations)
+            for new, _ in conts
+        ]
+        prompts_, responses = [prompt_ids[i] for i, _, _ in flat], [ids for _, ids, _ in flat]
+        if beta is None:
+            state = values.state_values(prompts_, responses)
+            scores = [final_value(v, ids, eos) for v, ids in zip(state, responses)]
+        else:
+            state, ratios = values.values_and_log_ratios(prompts_, responses)
+            scores = [step_q(v, lr, start, beta) for v, lr, (_, _, start) in zip(state, ratios, flat)]
+        k = len(continuations[0]) if continuations else 0
+        return [scores[n * k : (n + 1) * k] for n in range(len(requests))]
+
+    best = run_beams(searches, expand, score)
+    texts = [tokenizer.decode(list(b.ids), skip_special_tokens=True) for b in best]
+    graded = grade_answers(prompts, list(range(len(prompts))), texts, workers, "grading beams")
+    return [
+        {
+            "uid": u,
+            "sample": 0,
+            "response": text,
+            "response_ids": list(b.ids),
+            "finish_reason": "stop" if b.ids and b.ids[-1] == eos else "length",
+            "value": b.score,
+            "tokens": s.tokens,
+            **g,
+        }
+        for u, (b, s, text, g) in enumerate(zip(best, searches, texts, graded))
+    ]

@@ -1,0 +1,155 @@
+"""Evaluation harness (paper §5.2, Tables 2/3/9): policies x datasets x decodings -> a Table-2-style report.
+
+The `eval` stage (`make eval RECIPE=NAME CKPTS="dir1 dir2"`, or `evaluate.models=[dir1,dir2]`) evaluates
+HF checkpoints (e.g. `export/policy` or a checkpoint's `policy/huggingface`) on the recipe's
+evaluation sets, with the training prompt templates, on the rollout worker group (vLLM or transformers):
+
+- greedy decoding, and sampling (temperature 0.7, top_p 0.9, top_k 16, min_p 0.01) over 5 seeds,
+  reported as mean +- std (sample std over the seeds);
+- AIME24: 30 samples per problem, the mean pass rate, and unbiased pass@k for `evaluate.pass_k`.
+
+Writes `${evaluate.out_dir}/samples.parquet` (model, dataset, decoding, seed, prompt, response,
+pred, score), `table.md`, `table.csv` and `summary.json`, and prints the table.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+from omegaconf import DictConfig
+from verl.utils import hf_tokenizer
+
+from dqo_verl.config.errors import InputError
+from dqo_verl.config.plugins import PROMPT_SETS, registered
+from dqo_verl.data.budget import check_budget, engine_config
+from dqo_verl.data.chat import add_prompt_ids
+from dqo_verl.data.io import write_json_atomic, write_parquet_atomic
+from dqo_verl.eval.decodings import BEAM_LABELS, beam_and_grade, value_guided
+from dqo_verl.eval.metrics import models_and_names, out_dir, summarize, table
+from dqo_verl.eval.sampling import GREEDY, sample_and_grade
+from dqo_verl.workers.groups import engines_per_node, init_ray
+from dqo_verl.workers.rollout import RolloutGroup
+from dqo_verl.workers.values import ValueGroup
+
+
+def check_prompt_lengths(datasets: dict[str, pd.DataFrame], limit: int) -> None:
+    """An InputError naming the first evaluation prompt longer than data.max_prompt_length (the engines' budget)."""
+    for name, prompts in datasets.items():
+        lengths = prompts["prompt_ids"].map(len)
+        if (lengths > limit).any():
+            row = int((lengths > limit).idxmax())
+            raise InputError(
+                f"evaluation set {name}, row {row}, field 'prompt': {lengths[row]} tokens, more than "
+                f"data.max_prompt_length={limit} (raise it, within the model's context, or set a `limit`)"
+            )
+
+
+def evaluate_model(
+    group: RolloutGroup, name: str, path: str, datasets: dict, cfg: DictConfig, values: ValueGroup | None = None
+) -> list[dict]:
+    """Per-sample results of the group's model on every dataset and decoding (value-guided ones with `values`)."""
+    e = cfg.evaluate
+    q_beta = None  # scoring by Q: the value workers also serve log(pi/pi_ref) of this model
+    if values is not None and "q" in e.value.by:
+        values.load_policies(path, e.value.reference or cfg.ref.path)
+        q_beta = cfg.algorithm.beta
+    rows = []
+    for dataset, prompts in datasets.items():
+        spec = e.datasets[dataset]
+        runs = [("greedy", 0, 1, GREEDY)] if e.greedy else []
+        per_problem = spec.get("samples", 1)
+        sampling = {k: e.sampling[k] for k in ("temperature", "top_p", "top_k", "min_p")}
+        seeds = [e.sampling.seeds[0]] if per_problem > 1 else list(e.sampling.seeds)
+        runs += [("sample", s, per_problem, sampling) for s in seeds]
+        guided = values is not None and dataset in (e.value.sets or e.sets)
+        first_seed = e.sampling.seeds[0] if e.sampling.seeds else 0
+        if guided:
+            runs += [("value", first_seed, e.value.n, sampling)]
+        if guided and e.value.beam:
+            b = e.value.beam
+            runs += [(f"{BEAM_LABELS[by]} beam {b.beams}x{b.k}", first_seed, 1, sampling) for by in e.value.by]
+        for decoding, seed, n, params in runs:
+            params = {**params, "max_tokens": spec.get("max_tokens") or e.max_tokens}
+            if " beam " in decoding:
+                beta = q_beta if decoding.startswith(BEAM_LABELS["q"]) else None
+                results = beam_and_grade(
+                    group,
+                    values,
+                    prompts,
+                    seed,
+                    params,
+                    hf_tokenizer(path),
+                    e.value.beam,
+                    cfg.score.workers,
+                    beta,
+                    cfg.process.separator,
+                )
+            else:
+                results = sample_and_grade(group, prompts, n, seed, params, cfg.score.workers, f"grading {dataset}")
+            if decoding == "value":
+                results = value_guided(results, prompts, values, hf_tokenizer(path).eos_token_id, q_beta)
+            rows += [
+                {
+                    "model": name,
+                    "path": path,
+                    "dataset": dataset,
+                    "decoding": decoding,
+                    "seed": seed,
+                    "prompt": prompts.iloc[r["uid"]]["prompt"][0]["content"],
+                    **r,
+                }
+                for r in results
+            ]
+    return rows
+
+
+def run(cfg: DictConfig) -> dict:
+    """The `eval` stage: writes samples.parquet, table.md, table.csv and summary.json (last) to `out_dir(cfg)`."""
+    e = cfg.evaluate
+    models, names = models_and_names(cfg)
+    if not models:
+        raise InputError("evaluate.models is empty: set evaluate.models=[dir,...] (or CKPTS=... with make eval)")
+    for m in models:  # a local folder that is missing (a hub name has exactly one "/")
+        if not Path(m).exists() and (m.startswith(("/", ".", "outputs")) or m.count("/") != 1):
+            raise InputError(f"evaluate.models: {m} does not exist (train or export it first, e.g. `make demo`)")
+    unknown = [by for by in (e.value.by if e.value.model else []) if by not in BEAM_LABELS]
+    if unknown:
+        raise InputError(f"evaluate.value.by: {unknown[0]!r} is not one of {', '.join(BEAM_LABELS)}")
+    longest = max(e.sets, key=lambda d: e.datasets[d].get("max_tokens") or e.max_tokens)
+    answer_key = (
+        f"evaluate.datasets.{longest}.max_tokens" if e.datasets[longest].get("max_tokens") else "evaluate.max_tokens"
+    )
+    budget = check_budget(
+        cfg, "eval", ["data.max_prompt_length", answer_key], {f"evaluate.models[{i}]": m for i, m in enumerate(models)}
+    )
+    eval_prompts = registered(PROMPT_SETS, "eval_prompts")  # data_prep's sources, by entry point
+    datasets = {d: eval_prompts(d, e.datasets[d], cfg.trainer.seed, Path(cfg.paths.data)) for d in e.sets}
+    init_ray(cfg)
+    group = RolloutGroup(engine_config(cfg, budget), models[0], cfg.trainer.nnodes, engines_per_node(cfg))
+    v = e.value
+    values = ValueGroup(str(v.model), cfg.trainer.nnodes, v.workers_per_node, v.batch_size) if v.model else None
+    rows = []
+    try:
+        for i, (model, name) in enumerate(zip(models, names)):
+            if i:
+                group.load(model)
+            tokenized = {d: add_prompt_ids(p, hf_tokenizer(model)) for d, p in datasets.items()}
+            check_prompt_lengths(tokenized, cfg.data.max_prompt_length)
+            rows += evaluate_model(group, name, model, tokenized, cfg, values)
+    finally:
+        group.shutdown()
+        if values is not None:
+            values.shutdown()
+    samples = pd.DataFrame(rows).drop(columns="response_ids")
+    out = out_dir(cfg)
+    out.mkdir(parents=True, exist_ok=True)
+    write_parquet_atomic(samples, out / "samples.parquet")
+    summary = summarize(samples, list(e.pass_k))
+    report = table(summary)
+    (out / "table.md").write_text(report.to_markdown() + "\n")
+    report.to_csv(out / "table.csv")
+    write_json_atomic(out / "summary.json", {"models": dict(zip(names, models)), "results": summary})
+    print(report.to_markdown())
+    print(f"[eval] -> {out} (samples.parquet, table.md, table.csv, summary.json)")
+    return summary

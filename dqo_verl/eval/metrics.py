@@ -1,0 +1,126 @@
+"""Evaluation harness (paper §5.2, Tables 2/3/9): policies x datasets x decodings -> a Table-2-style report.
+
+The `eval` stage (`make eval RECIPE=NAME CKPTS="dir1 dir2"`, or `evaluate.models=[dir1,dir2]`) evaluates
+HF checkpoints (e.g. `export/policy` or a checkpoint's `policy/huggingface`) on the recipe's
+evaluation sets, with the training prompt templates, on the rollout worker group (vLLM or transformers):
+
+- greedy decoding, and sampling (temperature 0.7, top_p 0.9, top_k 16, min_p 0.01) over 5 seeds,
+  reported as mean +- std (sample std over the seeds);
+- AIME24: 30 samples per problem, the mean pass rate, and unbiased pass@k for `evaluate.pass_k`.
+
+Writes `${evaluate.out_dir}/samples.parquet` (model, dataset, decoding, seed, prompt, response,
+pred, score), `table.md`, `table.csv` and `summary.json`, and prints the table.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from omegaconf import DictConfig
+
+from dqo_verl.config.errors import InputError
+from dqo_verl.eval.verifier import auroc
+from dqo_verl.trainer.checkpoints import epoch_checkpoints
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased pass@k from n samples with c correct: 1 - C(n-c, k) / C(n, k)  (Chen et al., 2021)."""
+    if n - c < k:
+        return 1.0
+    return 1.0 - math.comb(n - c, k) / math.comb(n, k)
+
+
+def seed_mean_std(accuracies: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (ddof=1) of per-seed accuracies; std 0 for one seed."""
+    a = np.asarray(accuracies, dtype=np.float64)
+    return float(a.mean()), float(a.std(ddof=1)) if len(a) > 1 else 0.0
+
+
+def summarize(samples: pd.DataFrame, pass_k: list[int]) -> dict:
+    """{model: {column: {...}}} from per-sample results.
+
+    Columns are `<dataset> greedy` (accuracy) and `<dataset> sample` (mean/std over seeds of the
+    per-seed accuracy, or for multi-sample sets the mean pass rate and pass@k over problems).
+    """
+    out: dict = {}
+    for (model, dataset, decoding), g in samples.groupby(["model", "dataset", "decoding"], sort=False):
+        col = f"{dataset} {decoding}"
+        if decoding == "greedy":
+            res = {"accuracy": float(g["score"].mean()), "n": int(len(g))}
+        elif g.groupby(["seed", "uid"]).size().max() > 1:  # several samples per problem (AIME)
+            per_problem = g.groupby("uid")["score"].agg(["size", "sum"])
+            res = {
+                "accuracy": float(g["score"].mean()),
+                "n": int(per_problem.shape[0]),
+                "samples_per_problem": int(per_problem["size"].iloc[0]),
+            }
+            for k in pass_k:
+                if k <= per_problem["size"].min():
+                    res[f"pass@{k}"] = float(np.mean([pass_at_k(int(n), int(c), k) for n, c in per_problem.values]))
+            for score, key in (("value", "value_auroc"), ("q_value", "q_auroc")):
+                if score in g and g[score].notna().all() and g["score"].nunique() == 2:
+                    res[key] = auroc(g[score].to_numpy(), g["score"].to_numpy() == 1)
+        else:
+            per_seed = g.groupby("seed")["score"].mean().tolist()
+            mean, std = seed_mean_std(per_seed)
+            res = {"accuracy": mean, "std": std, "seeds": len(per_seed), "n": int(g["uid"].nunique())}
+        if "tokens" in g and g["tokens"].notna().all():
+            res["tokens_per_problem"] = float(g.groupby("uid")["tokens"].first().mean())
+        out.setdefault(model, {})[col] = res
+    return out
+
+
+def cell(res: dict) -> str:
+    text = f"{100 * res['accuracy']:.1f}"
+    if "std" in res:
+        text += f" ± {100 * res['std']:.1f}"
+    notes = [f"{k}={100 * v:.1f}" for k, v in res.items() if k.startswith("pass@")]
+    if "value_auroc" in res:
+        notes.append(f"V AUROC={res['value_auroc']:.2f}")
+    if "q_auroc" in res:
+        notes.append(f"Q AUROC={res['q_auroc']:.2f}")
+    if "tokens_per_problem" in res:
+        notes.append(f"{res['tokens_per_problem']:.0f} tokens/problem")
+    return text + (f" ({', '.join(notes)})" if notes else "")
+
+
+def table(summary: dict) -> pd.DataFrame:
+    """Rows = models, columns = dataset x decoding, cells = accuracy % (± std over seeds)."""
+    columns = list(dict.fromkeys(c for m in summary.values() for c in m))
+    return pd.DataFrame({c: {m: cell(summary[m][c]) if c in summary[m] else "" for m in summary} for c in columns})
+
+
+def model_name(path: str) -> str:
+    """A short row label: the folder name, or its last three parts for .../policy or .../huggingface."""
+    p = Path(path)
+    return "/".join(p.parts[-3:]) if p.name in ("policy", "huggingface") else p.name
+
+
+def out_dir(cfg: DictConfig) -> Path:
+    """Where `eval` writes: evaluate.out_dir, or its `epochs/` folder for the per-epoch table."""
+    return Path(cfg.evaluate.out_dir) / ("epochs" if cfg.evaluate.get("epochs") else "")
+
+
+def models_and_names(cfg: DictConfig) -> tuple[list[str], list[str]]:
+    """The models `eval` compares and their row labels.
+
+    With `evaluate.epochs`, the first of evaluate.models (the base) and the policy of every epoch checkpoint
+    of the run, labelled `epoch N`: the training curve as one table.
+    """
+    e = cfg.evaluate
+    models = [str(m) for m in e.models]
+    names = list(e.names) if e.get("names") else [model_name(m) for m in models]
+    if len(names) != len(models):
+        raise InputError(f"evaluate.names has {len(names)} labels for {len(models)} evaluate.models")
+    if e.get("epochs"):
+        epochs = epoch_checkpoints(cfg.trainer.default_local_dir)
+        if not epochs:
+            raise InputError(
+                f"evaluate.epochs: no epoch checkpoint under {cfg.trainer.default_local_dir} (train first)"
+            )
+        models = models[:1] + [str(folder / "policy" / "huggingface") for folder in epochs.values()]
+        names = names[:1] + [f"epoch {epoch}" for epoch in epochs]
+    return models, names

@@ -1,0 +1,1 @@
+"""Composite commands: the stage runner, `compare` (every method on one corpus) and `iterate` (rounds of DQO)."""
