@@ -22,7 +22,7 @@ from omegaconf import DictConfig
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForTokenClassification, AutoTokenizer
 
 from data_prep.tiny_model import build_tiny_policy
-from dqo_verl.config.errors import InputError
+from dqo_verl.config.errors import InputError, check_choice
 from dqo_verl.data.io import build_folder
 
 
@@ -78,11 +78,14 @@ def build_value_model(
     return out
 
 
+def check_base(cfg: DictConfig) -> None:
+    """`models.base.builder` names a builder (checked before anything runs)."""
+    check_choice("models.base.builder", cfg.models.base.builder, BUILDERS)
+
+
 def base(cfg: DictConfig) -> Path:
     """The `base` stage: build `models.base.out` with `models.base.builder`."""
     spec = cfg.models.base
-    if spec.builder not in BUILDERS:
-        raise InputError(f"models.base.builder={spec.builder} is not one of {', '.join(BUILDERS)}")
     out = build_folder(Path(spec.out), lambda tmp: BUILDERS[spec.builder](tmp, spec))
     print(f"[base] {spec.builder} model -> {out}")
     return out

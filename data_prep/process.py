@@ -38,6 +38,7 @@ from omegaconf import DictConfig
 from verl.utils import hf_tokenizer
 
 from data_prep.streaming import EngineActor, combine_shards, read_shard, run_on_engines, summary
+from dqo_verl.config.errors import check_choice
 from dqo_verl.data.io import write_parquet_atomic
 from dqo_verl.data.shards import shard_path, shard_ranges
 from dqo_verl.reward.formats import answer_format, check_sources
@@ -46,6 +47,11 @@ from dqo_verl.reward.steps import segment_ends
 from dqo_verl.workers.rollout import sample_seed
 
 STRATEGIES = ("linear", "binary")
+
+
+def check(cfg: DictConfig) -> None:
+    """`process.strategy` names a search (checked before anything runs)."""
+    check_choice("process.strategy", cfg.process.strategy, STRATEGIES)
 
 
 @dataclass

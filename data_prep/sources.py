@@ -24,7 +24,7 @@ import pandas as pd
 from omegaconf import DictConfig, OmegaConf
 
 from data_prep import synthetic
-from dqo_verl.config.errors import RowError
+from dqo_verl.config.errors import RowError, check_choice
 from dqo_verl.reward.formats import answer_format
 from dqo_verl.reward.grading import last_boxed
 
@@ -316,3 +316,19 @@ def build_sft_set(
                 raise RowError(where, i, key, "missing or empty text")
         out.append({"prompt": [{"role": "user", "content": rows[i][problem_key]}], "response": rows[i][response_key]})
     return pd.DataFrame(out)
+
+
+GENERATED = ("synthetic", "reasoning_gym")  # sets made by a generator, not read from a file or the hub
+
+
+def check_dataset(cfg: DictConfig) -> None:
+    """`dataset.name` names a source (checked before anything runs)."""
+    check_choice("dataset.name", cfg.dataset.name, [*SOURCES, *GENERATED])
+
+
+def check_eval_sets(cfg: DictConfig) -> None:
+    """Every name in `evaluate.sets` is an entry of `evaluate.datasets`, and each entry's dataset a source."""
+    for name in cfg.evaluate.sets:
+        check_choice("evaluate.sets", name, cfg.evaluate.datasets)
+        dataset = cfg.evaluate.datasets[name].get("dataset", name)
+        check_choice(f"evaluate.datasets.{name}.dataset", dataset, [*SOURCES, *GENERATED])

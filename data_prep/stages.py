@@ -10,6 +10,7 @@ from dqo_verl.config.stages import SAMPLING, Stage, data_files, sft_texts
 BASE = Stage(
     "base",
     "data_prep.models:base",
+    checks=("data_prep.models:check_base",),
     outputs=lambda c: [c.models.base.out] if c.models.base else [],
     keys=("models.base",),
 )
@@ -17,6 +18,7 @@ BASE = Stage(
 SFT = Stage(
     "sft",
     "data_prep.sft:run",
+    checks=("dqo_verl.workers.rollout:check_backend",),
     outputs=lambda c: [c.sft.out, *sft_texts(c), *data_files(c, "sft_tokens.parquet")] if c.sft else [],
     inputs=lambda c: [c.sft.model] + ([c.sft.data.path] if c.sft.get("data") else []),
     keys=(
@@ -48,6 +50,7 @@ VALUE = Stage(
 PROMPTS = Stage(
     "prompts",
     "data_prep.prompts:prepare",
+    checks=("data_prep.sources:check_dataset",),
     outputs=lambda c: data_files(c, "prompts.parquet"),
     inputs=lambda c: [c.policy.model.path],
     keys=("dataset", "data.max_prompt_length"),
@@ -56,6 +59,7 @@ PROMPTS = Stage(
 CORPUS = Stage(
     "corpus",
     "data_prep.corpus:run",
+    checks=("dqo_verl.workers.rollout:check_backend",),
     outputs=lambda c: data_files(c, "samples.parquet"),
     inputs=lambda c: [*data_files(c, "prompts.parquet"), c.policy.model.path],
     keys=("rollout.n", *SAMPLING),
@@ -73,6 +77,7 @@ SCORE = Stage(
 PROCESS = Stage(
     "process",
     "data_prep.process:run",
+    checks=("dqo_verl.workers.rollout:check_backend", "data_prep.process:check"),
     outputs=lambda c: data_files(c, "corpus_ps.parquet", "process_stats.json", "process_prefix.png"),
     inputs=lambda c: [*data_files(c, "corpus.parquet"), c.policy.model.path],
     keys=(

@@ -61,10 +61,22 @@ class Stage:
     inputs: Callable[[DictConfig], list[str]] = lambda cfg: []
     keys: tuple[str, ...] = ()  # config entries the result depends on
     partial: Callable[[DictConfig], list[str]] = lambda cfg: []  # resumable work of an interrupted run
+    # "module:function"s raising an InputError for a config value the stage cannot run with (an unknown choice):
+    # the runner checks every planned stage before any runs
+    checks: tuple[str | Callable[[DictConfig], object], ...] = ()
 
     def function(self) -> Callable[[DictConfig], object]:
         """The stage's function, imported now."""
-        if callable(self.run):
-            return self.run
-        module, _, name = self.run.partition(":")
-        return getattr(importlib.import_module(module), name)
+        return _load(self.run)
+
+    def validate(self, cfg: DictConfig) -> None:
+        """The stage's checks of `cfg`."""
+        for check in self.checks:
+            _load(check)(cfg)
+
+
+def _load(ref: str | Callable) -> Callable:
+    if callable(ref):
+        return ref
+    module, _, name = ref.partition(":")
+    return getattr(importlib.import_module(module), name)

@@ -20,7 +20,7 @@ import pandas as pd
 from omegaconf import DictConfig
 from verl.utils import hf_tokenizer
 
-from dqo_verl.config.errors import InputError
+from dqo_verl.config.errors import InputError, check_choice
 from dqo_verl.config.plugins import PROMPT_SETS, registered
 from dqo_verl.data.budget import check_budget, engine_config
 from dqo_verl.data.chat import add_prompt_ids
@@ -104,6 +104,13 @@ def evaluate_model(
     return rows
 
 
+def check(cfg: DictConfig) -> None:
+    """The evaluation sets and decodings name known ones (checked before anything runs)."""
+    registered(PROMPT_SETS, "check_eval_sets")(cfg)
+    for by in cfg.evaluate.value.by if cfg.evaluate.value.model else []:
+        check_choice("evaluate.value.by", by, BEAM_LABELS)
+
+
 def run(cfg: DictConfig) -> dict:
     """The `eval` stage: writes samples.parquet, table.md, table.csv and summary.json (last) to `out_dir(cfg)`."""
     e = cfg.evaluate
@@ -113,9 +120,6 @@ def run(cfg: DictConfig) -> dict:
     for m in models:  # a local folder that is missing (a hub name has exactly one "/")
         if not Path(m).exists() and (m.startswith(("/", ".", "outputs")) or m.count("/") != 1):
             raise InputError(f"evaluate.models: {m} does not exist (train or export it first, e.g. `make demo`)")
-    unknown = [by for by in (e.value.by if e.value.model else []) if by not in BEAM_LABELS]
-    if unknown:
-        raise InputError(f"evaluate.value.by: {unknown[0]!r} is not one of {', '.join(BEAM_LABELS)}")
     longest = max(e.sets, key=lambda d: e.datasets[d].get("max_tokens") or e.max_tokens)
     answer_key = (
         f"evaluate.datasets.{longest}.max_tokens" if e.datasets[longest].get("max_tokens") else "evaluate.max_tokens"

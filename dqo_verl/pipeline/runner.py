@@ -98,7 +98,7 @@ def make_plan(cfg: DictConfig, targets: list[str], stages: tuple[Stage, ...] | N
     by_name = {stage.name: stage for stage in stages}
     for name in targets:
         if name not in by_name:
-            raise InputError(f"pipeline.stages: unknown stage {name!r} (stages: {', '.join(by_name)})")
+            raise InputError(f"pipeline.stages: {name} is not one of: {', '.join(by_name)}")
         if not by_name[name].outputs(cfg):
             raise InputError(f"pipeline.stages: this recipe has no `{name}` stage (it configures no {name} section)")
     producer = {_abs(out): s.name for s in stages if s.outputs(cfg) for out in s.outputs(cfg)}
@@ -190,6 +190,8 @@ def run_pipeline(cfg: DictConfig, stages: tuple[Stage, ...] | None = None) -> di
         raise InputError(
             f"pipeline.redo={redo} is not one of the stages this run plans: {', '.join(s.name for s in plan.stages)}"
         )
+    for stage in plan.stages:  # every unknown choice stops the run here, before any stage (or Ray) starts
+        stage.validate(cfg)
     forced = {s.name for s in plan.stages} if redo == "all" else dependents(plan, cfg, redo) if redo else set()
     print(f"[pipeline] stages: {' -> '.join(s.name for s in plan.stages)}")
     made: dict[str, str] = {}  # stage -> the id of its current outputs (what stages reading them depend on)

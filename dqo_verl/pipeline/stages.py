@@ -43,6 +43,7 @@ def value_models(cfg: DictConfig) -> list[str]:
 TRAIN = Stage(
     "train",
     "dqo_verl.trainer.job:train",
+    checks=("dqo_verl.trainer.methods:check_method",),
     outputs=lambda c: run_files(c, *(f"export/{role}" for role in method(c.algorithm.name).roles)),
     inputs=lambda c: [c.data.train_files, c.policy.model.path, c.value.model.path, c.ref.path],
     keys=TRAINING,
@@ -52,6 +53,7 @@ TRAIN = Stage(
 EVAL = Stage(
     "eval",
     "dqo_verl.eval.harness:run",
+    checks=("dqo_verl.workers.rollout:check_backend", "dqo_verl.eval.harness:check"),
     outputs=lambda c: [str(out_dir(c) / n) for n in ("summary.json", "table.md", "table.csv", "samples.parquet")],
     inputs=lambda c: [
         *models_and_names(c)[0],

@@ -231,6 +231,11 @@ def method(name: str) -> type[Trainer]:
     return TRAINERS[name]
 
 
+def check_method(cfg: DictConfig) -> None:
+    """`algorithm.name` names a method (checked before anything runs)."""
+    method(cfg.algorithm.name)
+
+
 def make_trainer(config: DictConfig) -> Trainer:
     """The trainer of `algorithm.name`."""
     return method(config.algorithm.name)(config)

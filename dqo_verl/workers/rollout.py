@@ -220,12 +220,17 @@ def first_stop_string(tokenizer, ids: list[int], stop: list[str] | None) -> int 
 ENGINES: dict[str, type[Engine]] = {"vllm": VLLMEngine, "hf": HFEngine}
 
 
+def check_backend(cfg: DictConfig) -> None:
+    """`rollout.backend` names an engine (every stage that generates checks it before anything runs)."""
+    engine_name(cfg.rollout.backend)
+
+
 def engine_name(backend: str) -> str:
     """The engine `rollout.backend` names (`auto`: vllm when installed, else hf)."""
     if backend == "auto":
         return "vllm" if vllm_available() else "hf"
     if backend not in ENGINES:
-        raise InputError(f"rollout.backend={backend} is not one of auto, {', '.join(ENGINES)}")
+        raise InputError(f"rollout.backend={backend} is not one of: auto, {', '.join(ENGINES)}")
     return backend
 
 
