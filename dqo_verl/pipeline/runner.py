@@ -36,7 +36,7 @@ from dqo_verl.config.errors import InputError
 from dqo_verl.config.plugins import STAGES, registered
 from dqo_verl.config.stages import ORDER, Stage
 from dqo_verl.data.io import write_json_atomic
-from dqo_verl.workers.groups import ray_scope
+from dqo_verl.workers.groups import WorkerLogs, ray_scope
 
 
 def _abs(path: str) -> str:
@@ -194,6 +194,7 @@ def run_pipeline(cfg: DictConfig, stages: tuple[Stage, ...] | None = None) -> di
         stage.validate(cfg)
     forced = {s.name for s in plan.stages} if redo == "all" else dependents(plan, cfg, redo) if redo else set()
     print(f"[pipeline] stages: {' -> '.join(s.name for s in plan.stages)}")
+    worker_logs = WorkerLogs()
     made: dict[str, str] = {}  # stage -> the id of its current outputs (what stages reading them depend on)
     seconds = {}
     for stage in plan.stages:
@@ -224,7 +225,13 @@ def run_pipeline(cfg: DictConfig, stages: tuple[Stage, ...] | None = None) -> di
             cfg,
             {"stage": stage.name, "status": "running", **{k: state[k] for k in ("fingerprint", "config", "inputs")}},
         )
-        stage.function()(cfg)
+        worker_logs.mark()
+        try:
+            stage.function()(cfg)
+        finally:
+            log = worker_logs.copy(Path(cfg.paths.root) / "logs" / f"{stage.name}.log")
+            if log:
+                print(f"[pipeline] {stage.name}: workers' output in {log}")
         seconds[stage.name] = time.time() - start
         made[stage.name] = _digest([state["fingerprint"], start])
         Records.write(

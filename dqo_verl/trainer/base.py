@@ -132,6 +132,62 @@ class StepLog:
         self.file.close()
 
 
+class RunLog:
+    """What a run reports: a progress bar, a short console line every `trainer.log_every` updates (`console` in
+    `trainer.logger`), verl's `Tracking` for the other backends (tensorboard, wandb, mlflow) and metrics.jsonl."""
+
+    SHORT = ("policy/loss", "value/loss", "policy/log_ratio_mean", "dqo/is_weight_clipped", "dqo/v_first_mean")
+
+    def __init__(self, config: DictConfig, out_dir: Path, step: int, total_steps: int):
+        tb_dir = Path(config.trainer.get("tensorboard_dir") or out_dir / "tensorboard")
+        os.environ["TENSORBOARD_DIR"] = str(tb_dir.resolve())
+        backends = list(config.trainer.logger)
+        self.console = "console" in backends
+        self.every = max(1, int(config.trainer.get("log_every") or 1))
+        self.tracking = Tracking(
+            project_name=config.trainer.project_name,
+            experiment_name=config.trainer.experiment_name,
+            default_backend=[b for b in backends if b != "console"],  # ours is the short line below
+            config=OmegaConf.to_container(config, resolve=True),
+        )
+        self.out_dir, self.total = out_dir, total_steps
+        self.steps = StepLog(out_dir / "metrics.jsonl", resume_step=step)
+        self.name = config.algorithm.name.upper()
+        self.bar = tqdm(total=total_steps, initial=step, desc=self.name, unit="step", dynamic_ncols=True)
+
+    def update(
+        self, step: int, epoch: int, index: int, batch: np.ndarray, rows: pd.DataFrame, metrics: dict, elapsed: float
+    ) -> None:
+        """Record update `step` (1-based) of `epoch`, batch `index`, that trained `batch` (row ids) in `elapsed` s."""
+        tokens = int(rows["response_ids"].map(len).sum())
+        metrics.update(
+            {"perf/step_time_s": elapsed, "perf/response_tokens_per_s": tokens / elapsed, "train/epoch": epoch + 1}
+        )
+        self.tracking.log(data=metrics, step=step)
+        self.steps.write({"step": step, "epoch": epoch, "batch": index, "rows_sha1": _rows_digest(batch), **metrics})
+        self.bar.set_postfix(
+            epoch=epoch + 1, tok_s=f"{tokens / elapsed:.0f}", loss=f"{metrics.get('policy/loss', math.nan):.4f}"
+        )
+        self.bar.update(1)
+        if self.console and (step % self.every == 0 or step == self.total):
+            shown = " ".join(f"{k} {metrics[k]:.4g}" for k in self.SHORT if k in metrics)
+            self.say(f"[{self.name}] step {step}/{self.total} epoch {epoch + 1}: {shown} ({elapsed:.1f} s/update)")
+
+    def say(self, line: str) -> None:
+        """A console line that keeps the progress bar below it."""
+        self.bar.write(line)
+
+    def close(self, checkpoints: Path, exported: dict) -> None:
+        self.bar.close()
+        self.steps.close()
+        self.tracking.finish()
+        print(f"[done] checkpoints: {checkpoints.resolve()}")
+        metrics_file = (self.out_dir / "metrics.jsonl").resolve()
+        print(f"[done] logs: {os.environ['TENSORBOARD_DIR']} (tensorboard), {metrics_file}")
+        for role, path in exported.items():
+            print(f"[done] final {role} (HF format): {path.resolve()}")
+
+
 def _rows_digest(rows: np.ndarray) -> str:
     return hashlib.sha1(np.asarray(rows, dtype=np.int64).tobytes()).hexdigest()[:16]
 
@@ -406,78 +462,51 @@ class Trainer:
 
         `stop(step, checkpoint)`, when given, is asked after every checkpoint whether to end the run there.
         """
-        config = self.config
         self.start()
-        tb_dir = Path(config.trainer.get("tensorboard_dir") or self.out_dir / "tensorboard")
-        os.environ["TENSORBOARD_DIR"] = str(tb_dir.resolve())
-        tracking = Tracking(
-            project_name=config.trainer.project_name,
-            experiment_name=config.trainer.experiment_name,
-            default_backend=list(config.trainer.logger),
-            config=OmegaConf.to_container(config, resolve=True),
-        )
         step = self.load_checkpoint()
-        step_log = StepLog(self.out_dir / "metrics.jsonl", resume_step=step)
-        metrics: dict = {}
-        exported: dict = {}
-        last_ckpt = None
-        name = config.algorithm.name.upper()
-        bar = tqdm(total=self.total_steps, initial=step, desc=name, unit="step", dynamic_ncols=True)
+        log = RunLog(self.config, self.out_dir, step, self.total_steps)
+        metrics, exported, last_ckpt = {}, {}, None
         prefetch = ThreadPoolExecutor(1, thread_name_prefix="rows")  # the next update's rows read during this one
         upcoming = prefetch.submit(self.corpus.read, self.batch_rows(step)) if step < self.total_steps else None
         while step < self.total_steps:
             epoch, index = divmod(step, self.steps_per_epoch)
-            batch = self.batch_rows(step)
             rows = upcoming.result()
             if step + 1 < self.total_steps:
                 upcoming = prefetch.submit(self.corpus.read, self.batch_rows(step + 1))
             start = time.perf_counter()
             metrics = self.train_step(rows, step)
-            elapsed = time.perf_counter() - start
             step += 1
-            tokens = int(rows["response_ids"].map(len).sum())
-            metrics.update(
-                {"perf/step_time_s": elapsed, "perf/response_tokens_per_s": tokens / elapsed, "train/epoch": epoch + 1}
-            )
-            tracking.log(data=metrics, step=step)
-            step_log.write({"step": step, "epoch": epoch, "batch": index, "rows_sha1": _rows_digest(batch), **metrics})
+            log.update(step, epoch, index, self.batch_rows(step - 1), rows, metrics, time.perf_counter() - start)
             self.history.append(metrics)
-            bar.set_postfix(
-                epoch=epoch + 1, tok_s=f"{tokens / elapsed:.0f}", loss=f"{metrics.get('policy/loss', math.nan):.4f}"
-            )
-            bar.update(1)
             end_of_epoch = index == self.steps_per_epoch - 1
-            save_freq = config.trainer.save_freq
-            if end_of_epoch or step == self.total_steps or (save_freq and save_freq > 0 and step % save_freq == 0):
+            if end_of_epoch or step == self.total_steps or self.save_due(step):
                 last_ckpt = self.save_checkpoint(step)
                 if end_of_epoch and epoch + 1 == self.export_epoch:
                     exported = self.export(last_ckpt)
-                    print(f"\n[export] epoch {epoch + 1} (step {step}) -> {self.out_dir / 'export'} (export_epoch)")
+                    log.say(f"[export] epoch {epoch + 1} (step {step}) -> {self.out_dir / 'export'} (export_epoch)")
                 if stop is not None and stop(step, last_ckpt):
                     break
-        bar.close()
         prefetch.shutdown(cancel_futures=True)
-        step_log.close()
-        if last_ckpt is None:
-            last_ckpt = self.checkpoints.latest() or self.save_checkpoint(step)
-        if self.export_epoch is None:
-            exported = self.export(last_ckpt)
-        elif not exported:  # that epoch ended before a resume (or was never reached)
-            chosen = epoch_checkpoints(self.checkpoints.root).get(self.export_epoch)
-            if chosen is not None:
-                exported = self.export(chosen)
-            else:  # pruned by max_ckpt_to_keep after it was exported
-                exported = {role: self.out_dir / "export" / role for role in self.roles}
-                if not all(path.exists() for path in exported.values()):
-                    raise RunError(
-                        f"trainer.export_epoch={self.export_epoch}: no checkpoint of that epoch under "
-                        f"{self.checkpoints.root}"
-                    )
-        tracking.finish()
-        print(f"[done] checkpoints: {self.checkpoints.root.resolve()}")
-        print(
-            f"[done] logs: {os.environ['TENSORBOARD_DIR']} (tensorboard), {(self.out_dir / 'metrics.jsonl').resolve()}"
-        )
-        for role, path in exported.items():
-            print(f"[done] final {role} (HF format): {path.resolve()}")
+        exported = exported or self.final_export(last_ckpt or self.checkpoints.latest() or self.save_checkpoint(step))
+        log.close(self.checkpoints.root, exported)
         return metrics
+
+    def save_due(self, step: int) -> bool:
+        """Whether `trainer.save_freq` asks for a checkpoint after update `step` (epoch ends always save)."""
+        save_freq = self.config.trainer.save_freq
+        return bool(save_freq and save_freq > 0 and step % save_freq == 0)
+
+    def final_export(self, last_ckpt: Path) -> dict:
+        """The HF copies of the run's result: the last checkpoint's, or `trainer.export_epoch`'s when that epoch
+        ended before a resume (or its checkpoint was pruned after it was exported)."""
+        if self.export_epoch is None:
+            return self.export(last_ckpt)
+        chosen = epoch_checkpoints(self.checkpoints.root).get(self.export_epoch)
+        if chosen is not None:
+            return self.export(chosen)
+        exported = {role: self.out_dir / "export" / role for role in self.roles}
+        if not all(path.exists() for path in exported.values()):
+            raise RunError(
+                f"trainer.export_epoch={self.export_epoch}: no checkpoint of that epoch under {self.checkpoints.root}"
+            )
+        return exported

@@ -44,6 +44,7 @@ PLUGIN_ENV = {"VERL_USE_EXTERNAL_MODULES": "dqo_verl.workers.cpu_platform", "TOK
 
 # a rank's slot holds the job's colocated training process and, while it runs, a separate reference group
 GROUPS_PER_RANK = 2
+_SESSION_LOGS: Path | None = None  # this node's Ray log folder, when `init_ray` started or joined Ray quietly
 
 
 def ranks(config: DictConfig) -> int:
@@ -77,7 +78,9 @@ def init_ray(config: DictConfig) -> None:
     """
     if ray.is_initialized():
         return
-    kwargs: dict[str, Any] = {"runtime_env": {"env_vars": dict(PLUGIN_ENV)}}
+    # quiet: the workers' chatter (vLLM's INFO lines, FSDP's warnings) goes to Ray's log files, not the console
+    verbose = bool(config.ray_init.get("log_to_driver"))
+    kwargs: dict[str, Any] = {"runtime_env": {"env_vars": dict(PLUGIN_ENV)}, "log_to_driver": verbose}
     address = config.ray_init.address or os.environ.get("RAY_ADDRESS")
     if address:
         kwargs["address"] = address
@@ -85,7 +88,12 @@ def init_ray(config: DictConfig) -> None:
         slots = GROUPS_PER_RANK * ranks(config) + engines_per_node(config) * config.trainer.nnodes + 1
         kwargs["num_cpus"] = config.ray_init.num_cpus or max(os.cpu_count() or 1, slots)
         kwargs["include_dashboard"] = False
-    ray.init(**kwargs)
+    context = ray.init(**kwargs)
+    global _SESSION_LOGS
+    _SESSION_LOGS = None if verbose else Path(context.address_info["session_dir"]) / "logs"
+    if not verbose:
+        logs = _SESSION_LOGS
+        print(f"[ray] workers' output: {logs} (each stage's copy in <paths.root>/logs/; ray_init.log_to_driver=true)")
 
 
 def wait(refs: list, group: str, what: str) -> list:
@@ -278,3 +286,37 @@ def with_meta(td: TensorDict, **meta) -> TensorDict:
     out = td.copy()
     tu.assign_non_tensor(out, **meta)
     return out
+
+
+class WorkerLogs:
+    """This node's Ray worker output (the session's logs/worker-* files), copied a stage at a time: `mark()` before
+    the stage, `copy(out)` after it appends what the workers wrote in between to `out`. Only with a Ray this
+    process started quietly (`init_ray`, ray_init.log_to_driver=false); otherwise it does nothing."""
+
+    def __init__(self):
+        self.sizes: dict[Path, int] = {}
+
+    def mark(self) -> None:
+        self.sizes = {f: f.stat().st_size for f in self.files()}
+
+    def copy(self, out: Path) -> Path | None:
+        """Append the new output to `out`; the path, or None when there was none."""
+        parts = []
+        for f in self.files():
+            with open(f, "rb") as fh:
+                fh.seek(self.sizes.get(f, 0))
+                text = fh.read().decode(errors="replace")
+            if text.strip():
+                parts.append(f"==> {f.name} <==\n{text}")
+        if not parts:
+            return None
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with open(out, "a") as log:
+            log.write("\n".join(parts))
+        return out
+
+    @staticmethod
+    def files() -> list[Path]:
+        if _SESSION_LOGS is None or not ray.is_initialized():
+            return []
+        return sorted(_SESSION_LOGS.glob("worker-*"))
