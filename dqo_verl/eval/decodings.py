@@ -15,11 +15,12 @@ pred, score), `table.md`, `table.csv` and `summary.json`, and prints the table.
 from __future__ import annotations
 
 from collections import Counter
+from dataclasses import dataclass
 
 import pandas as pd
 from omegaconf import DictConfig
 
-from dqo_verl.eval.sampling import grade_answers
+from dqo_verl.eval.sampling import GREEDY, grade_answers, sample_and_grade
 from dqo_verl.eval.search import ValueBeam, best_by_value, majority_vote, run_beams
 from dqo_verl.reward.steps import STEP_SEPARATOR
 from dqo_verl.workers.rollout import RolloutGroup, sample_seed
@@ -136,3 +137,81 @@ def beam_and_grade(
         }
         for u, (b, s, text, g) in enumerate(zip(best, searches, texts, graded))
     ]
+
+
+# ---------------------------------------------------------------------------------------------- the registry
+
+
+@dataclass(frozen=True)
+class Run:
+    """One decoding of one evaluation set: `kind` (a key of DECODINGS), its column label, seed, samples per problem,
+    sampling parameters, and for a beam what it ranks by (`value` | `q`)."""
+
+    kind: str
+    label: str
+    seed: int
+    n: int
+    params: dict
+    by: str | None = None
+
+
+@dataclass(frozen=True)
+class Context:
+    """What every decoding of one model on one set shares."""
+
+    group: RolloutGroup
+    values: ValueGroup | None
+    tokenizer: object
+    cfg: DictConfig
+    q_beta: float | None  # set when the value workers serve log(pi/pi_ref) of this model (ranking by Q)
+    desc: str
+
+
+def planned_runs(e: DictConfig, spec: DictConfig, guided: bool) -> list[Run]:
+    """The decodings `evaluate` asks for on one set: greedy; sampling over the seeds (one seed when the set takes
+    several samples per problem); with a value model, N samples ranked by V/Q and by vote, and the beams by V/Q."""
+    sampling = {k: e.sampling[k] for k in ("temperature", "top_p", "top_k", "min_p")}
+    per_problem = spec.get("samples", 1)
+    seeds = [e.sampling.seeds[0]] if per_problem > 1 else list(e.sampling.seeds)
+    first_seed = e.sampling.seeds[0] if e.sampling.seeds else 0
+    runs = [Run("greedy", "greedy", 0, 1, GREEDY)] if e.greedy else []
+    runs += [Run("sample", "sample", s, per_problem, sampling) for s in seeds]
+    if guided:
+        runs.append(Run("value", "value", first_seed, e.value.n, sampling))
+        if e.value.beam:
+            b = e.value.beam
+            label = f"beam {b.beams}x{b.k}"
+            runs += [Run("beam", f"{BEAM_LABELS[by]} {label}", first_seed, 1, sampling, by) for by in e.value.by]
+    return runs
+
+
+def sampled(ctx: Context, run: Run, prompts: pd.DataFrame, params: dict) -> list[dict]:
+    """Greedy or sampled answers, `run.n` per problem."""
+    return sample_and_grade(ctx.group, prompts, run.n, run.seed, params, ctx.cfg.score.workers, ctx.desc)
+
+
+def ranked(ctx: Context, run: Run, prompts: pd.DataFrame, params: dict) -> list[dict]:
+    """N samples per problem, each scored by V (and Q); best-of-N by each and majority@N (`value_guided`)."""
+    results = sampled(ctx, run, prompts, params)
+    return value_guided(results, prompts, ctx.values, ctx.tokenizer.eos_token_id, ctx.q_beta)
+
+
+def beam(ctx: Context, run: Run, prompts: pd.DataFrame, params: dict) -> list[dict]:
+    """Step-level beam search ranked by V (or by Q)."""
+    beta = ctx.q_beta if run.by == "q" else None
+    cfg = ctx.cfg
+    return beam_and_grade(
+        ctx.group,
+        ctx.values,
+        prompts,
+        run.seed,
+        params,
+        ctx.tokenizer,
+        cfg.evaluate.value.beam,
+        cfg.score.workers,
+        beta,
+        cfg.process.separator,
+    )
+
+
+DECODINGS = {"greedy": sampled, "sample": sampled, "value": ranked, "beam": beam}

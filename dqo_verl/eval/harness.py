@@ -25,9 +25,8 @@ from dqo_verl.config.plugins import PROMPT_SETS, registered
 from dqo_verl.data.budget import check_budget, engine_config
 from dqo_verl.data.chat import add_prompt_ids
 from dqo_verl.data.io import write_json_atomic, write_parquet_atomic
-from dqo_verl.eval.decodings import BEAM_LABELS, beam_and_grade, value_guided
+from dqo_verl.eval.decodings import BEAM_LABELS, DECODINGS, Context, planned_runs
 from dqo_verl.eval.metrics import models_and_names, out_dir, summarize, table
-from dqo_verl.eval.sampling import GREEDY, sample_and_grade
 from dqo_verl.workers.groups import engines_per_node, init_ray
 from dqo_verl.workers.rollout import RolloutGroup
 from dqo_verl.workers.values import ValueGroup
@@ -57,45 +56,18 @@ def evaluate_model(
     rows = []
     for dataset, prompts in datasets.items():
         spec = e.datasets[dataset]
-        runs = [("greedy", 0, 1, GREEDY)] if e.greedy else []
-        per_problem = spec.get("samples", 1)
-        sampling = {k: e.sampling[k] for k in ("temperature", "top_p", "top_k", "min_p")}
-        seeds = [e.sampling.seeds[0]] if per_problem > 1 else list(e.sampling.seeds)
-        runs += [("sample", s, per_problem, sampling) for s in seeds]
+        ctx = Context(group, values, hf_tokenizer(path), cfg, q_beta, f"grading {dataset}")
         guided = values is not None and dataset in (e.value.sets or e.sets)
-        first_seed = e.sampling.seeds[0] if e.sampling.seeds else 0
-        if guided:
-            runs += [("value", first_seed, e.value.n, sampling)]
-        if guided and e.value.beam:
-            b = e.value.beam
-            runs += [(f"{BEAM_LABELS[by]} beam {b.beams}x{b.k}", first_seed, 1, sampling) for by in e.value.by]
-        for decoding, seed, n, params in runs:
-            params = {**params, "max_tokens": spec.get("max_tokens") or e.max_tokens}
-            if " beam " in decoding:
-                beta = q_beta if decoding.startswith(BEAM_LABELS["q"]) else None
-                results = beam_and_grade(
-                    group,
-                    values,
-                    prompts,
-                    seed,
-                    params,
-                    hf_tokenizer(path),
-                    e.value.beam,
-                    cfg.score.workers,
-                    beta,
-                    cfg.process.separator,
-                )
-            else:
-                results = sample_and_grade(group, prompts, n, seed, params, cfg.score.workers, f"grading {dataset}")
-            if decoding == "value":
-                results = value_guided(results, prompts, values, hf_tokenizer(path).eos_token_id, q_beta)
+        for run in planned_runs(e, spec, guided):
+            params = {**run.params, "max_tokens": spec.get("max_tokens") or e.max_tokens}
+            results = DECODINGS[run.kind](ctx, run, prompts, params)
             rows += [
                 {
                     "model": name,
                     "path": path,
                     "dataset": dataset,
-                    "decoding": decoding,
-                    "seed": seed,
+                    "decoding": run.label,
+                    "seed": run.seed,
                     "prompt": prompts.iloc[r["uid"]]["prompt"][0]["content"],
                     **r,
                 }
