@@ -43,7 +43,7 @@ PROBLEMS_SEED, DEV_SEED = 1000, 2000
 
 def trainer_config(cfg: DictConfig, train_file: Path) -> DictConfig:
     """The `sft` trainer's config: the recipe's, with the fine-tuning's model, data, schedule and run folder."""
-    s = cfg.sft
+    s = cfg.sft_stage
     checks = s.get("target_accuracy") is not None
     return OmegaConf.merge(
         cfg,
@@ -96,7 +96,7 @@ def within_budget(texts: pd.DataFrame, tokens: pd.DataFrame, cfg: DictConfig) ->
             f"{int(long_response.sum())} responses > data.max_response_length={d.max_response_length} tokens)"
         )
     if not keep.any():
-        raise InputError(f"sft.data: no trajectory of {cfg.sft.data.path} fits the budget (see above)")
+        raise InputError(f"sft.data: no trajectory of {cfg.sft_stage.data.path} fits the budget (see above)")
     return texts[keep].reset_index(drop=True), tokens[keep].reset_index(drop=True)
 
 
@@ -112,7 +112,7 @@ def synthetic_texts(problems: list[dict]) -> pd.DataFrame:
 
 def fine_tuning_set(cfg: DictConfig, tokenizer) -> tuple[pd.DataFrame, pd.DataFrame, list[dict]]:
     """(texts, tokens, dev problems): `sft.data`'s trajectories, or the synthetic task's problems and dev set."""
-    s = cfg.sft
+    s = cfg.sft_stage
     if s.get("data"):
         d = s.data
         texts = build_sft_set(
@@ -133,7 +133,7 @@ def fine_tuning_set(cfg: DictConfig, tokenizer) -> tuple[pd.DataFrame, pd.DataFr
 
 def run(cfg: DictConfig) -> Path:
     """The `sft` stage."""
-    s = cfg.sft
+    s = cfg.sft_stage
     if s.get("data") and s.get("target_accuracy") is not None:
         raise InputError("sft.target_accuracy: the dev checks use the synthetic task; unset it when sft.data is set")
     check_budget(cfg, "sft", ["data.max_prompt_length", "data.max_response_length"], {"sft.model": s.model})

@@ -19,10 +19,10 @@ SFT = Stage(
     "sft",
     "data_prep.sft:run",
     checks=("dqo_verl.workers.rollout:check_backend",),
-    outputs=lambda c: [c.sft.out, *sft_texts(c), *data_files(c, "sft_tokens.parquet")] if c.sft else [],
-    inputs=lambda c: [c.sft.model] + ([c.sft.data.path] if c.sft.get("data") else []),
+    outputs=lambda c: [c.sft_stage.out, *sft_texts(c), *data_files(c, "sft_tokens.parquet")] if c.sft_stage else [],
+    inputs=lambda c: [c.sft_stage.model] + ([c.sft_stage.data.path] if c.sft_stage.get("data") else []),
     keys=(
-        "sft",
+        "sft_stage",
         "dataset.difficulty",
         "policy.model",
         "policy.engine",
@@ -36,7 +36,7 @@ SFT = Stage(
         "rollout.dtype",
         "evaluate.max_tokens",
     ),
-    partial=lambda c: [c.sft.run_dir],
+    partial=lambda c: [c.sft_stage.run_dir],
 )
 
 VALUE = Stage(

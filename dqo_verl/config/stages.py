@@ -43,7 +43,7 @@ def run_files(cfg: DictConfig, *names: str) -> list[str]:
 
 def sft_texts(cfg: DictConfig) -> list[str]:
     """The sft stage's text files that evaluation keeps out of generated test sets."""
-    sft = cfg.sft
+    sft = cfg.sft_stage
     return (
         data_files(cfg, "sft.parquet", *(["dev.parquet"] if sft.get("target_accuracy") is not None else []))
         if sft

@@ -100,7 +100,7 @@ def round_overrides(first: DictConfig, r: int, reference: str) -> list[str]:
         # the models are the last round's: nothing to build or warm up
         "models.base=null",
         "models.value=null",
-        "sft=null",
+        "sft_stage=null",
         f"pipeline.stages=[{','.join(round_stages(first))}]",
         "pipeline.redo=null",
         f"evaluate.out_dir={folder / 'eval'}",

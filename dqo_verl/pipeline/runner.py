@@ -229,7 +229,8 @@ def run_pipeline(cfg: DictConfig, stages: tuple[Stage, ...] | None = None) -> di
         try:
             stage.function()(cfg)
         finally:
-            log = worker_logs.copy(Path(cfg.paths.root) / "logs" / f"{stage.name}.log")
+            root = OmegaConf.select(cfg, "paths.root")
+            log = worker_logs.copy(Path(root) / "logs" / f"{stage.name}.log") if root else None
             if log:
                 print(f"[pipeline] {stage.name}: workers' output in {log}")
         seconds[stage.name] = time.time() - start

@@ -103,7 +103,7 @@ def test_engines_are_chosen_by_name():
 
     assert ENGINES == {"vllm": VLLMEngine, "hf": HFEngine}
     assert engine_name("hf") == "hf" and engine_name("auto") == ("vllm" if HAS_VLLM else "hf")
-    with pytest.raises(InputError, match="rollout.backend=tgi is not one of auto, vllm, hf"):
+    with pytest.raises(InputError, match="rollout.backend=tgi is not one of: auto, vllm, hf"):
         engine_name("tgi")
 
 

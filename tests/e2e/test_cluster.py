@@ -204,7 +204,7 @@ def stage_args(policy, root: Path, *extra: str) -> list[str]:
     return [
         "+recipe=tiny_cpu",
         f"paths.root={root}",
-        "sft=null",
+        "sft_stage=null",
         "models.base=null",
         "models.value=null",
         f"policy.model.path={policy}",

@@ -88,7 +88,7 @@ def test_qwen_numina_takes_the_papers_olympiad_problems():
 
 def test_qwen_numina_makes_qwen25_qwq_and_starts_every_model_from_it():
     cfg = OmegaConf.to_container(compose_config("qwen_numina"), resolve=True)
-    s = cfg["sft"]
+    s = cfg["sft_stage"]
     assert s["model"] == "Qwen/Qwen2.5-Math-7B" and s["out"] == "outputs/qwen_numina/assets/qwen2.5-qwq"  # paper §5.1
     assert (s["data"]["path"], s["data"]["n"], s["data"]["response_key"]) == (
         "qingy2024/QwQ-LongCoT-Verified-130K",

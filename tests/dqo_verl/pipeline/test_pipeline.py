@@ -122,7 +122,7 @@ def test_a_subset_runs_the_missing_stages_it_needs(tmp_path):
     assert calls.ran == ["a", "b", "c"]
     plan = make_plan(config(tmp_path, stages=["a"]), ["a"], calls.stages())
     assert [s.name for s in plan.stages] == ["a"]
-    with pytest.raises(InputError, match="unknown stage 'z'"):
+    with pytest.raises(InputError, match="pipeline.stages: z is not one of: a, b, c, unused"):
         make_plan(config(tmp_path), ["z"], calls.stages())
     with pytest.raises(InputError, match="this recipe has no `unused` stage"):
         make_plan(config(tmp_path), ["unused"], calls.stages())
@@ -198,7 +198,7 @@ def test_the_recipes_plan_their_stages_from_inputs_and_outputs():
         "report",
     ]
     # a policy read from the run's own export: planning `process` needs `train`, which would clear that export
-    looped = compose_config("tiny_cpu", ["policy.model.path=outputs/tiny_cpu/run/export/policy", "sft=null"])
+    looped = compose_config("tiny_cpu", ["policy.model.path=outputs/tiny_cpu/run/export/policy", "sft_stage=null"])
     with pytest.raises(InputError, match=r"the train stage would overwrite its own input .*run/export/policy"):
         make_plan(looped, ["process"])
     plain = compose_config("qwen2_gsm8k")
