@@ -46,7 +46,7 @@ test: install
 test-fast: install
 	$(PY) -m pytest -q -m "not slow"
 
-# ---- the pipeline (dqo_verl/pipeline.py): RECIPE=name, STAGES=a,b (default: the recipe's), REDO=stage|all,
+# ---- the pipeline (dqo_verl/pipeline/runner.py): RECIPE=name, STAGES=a,b (default: the recipe's), REDO=stage|all,
 # extra Hydra overrides in ARGS="key=value ..."
 RECIPE ?= tiny_cpu
 STAGES ?=

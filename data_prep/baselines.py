@@ -5,8 +5,8 @@
 
 - `sft.parquet`: the reference solution of every prompt that has one;
 - `rs.parquet`: rejection sampling, every correct response;
-- `dpo.parquet`: random (correct, incorrect) pairs of the same prompt, as many as half the DQO
-  trajectory count, or all pairs if fewer;
+- `dpo.parquet`: random (correct, incorrect) pairs of the same prompt, at least half as many as the corpus
+  has responses where its prompts allow (`dqo_verl.data.pairs`);
 - `kto.parquet`: every response with its label (`label` = correct); DRO and DQO train on
   `corpus.parquet` itself, every response with its score;
 - `summary.md` (a Table-8-style size table), `positive_rate.png` (per-prompt positive rate,

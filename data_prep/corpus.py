@@ -1,17 +1,12 @@
-"""The offline corpus: N samples per prompt from the rollout engines (`corpus` stage), graded (`score`).
+"""The `corpus` stage: N samples per prompt from the rollout engines (`make corpus RECIPE=NAME`).
 
-Both stages stream on Ray Data over every node of the cluster (`streaming.py`; docs/design.md,
-"Streaming data stages"). `corpus` (`make corpus RECIPE=NAME`) reads `${paths.data}/prompts.parquet`
-and writes `${paths.data}/samples.parquet`: one row per (prompt, sample) with `prompt_ids`,
-`response_ids`, `response`, `finish_reason`, `logprobs` (the sampled tokens' log-probs) and the prompt's
-verl fields. Shards of `rollout.shard_prompts` prompts go to a pool of engine actors; each shard is
-written atomically under `${paths.data}/samples_shards/`, and a killed run restarts with the shards it
-has, so no row is lost or duplicated. Every sample's seed is fixed by (rollout seed, prompt, sample), so
-the corpus does not depend on the number of engines or on which engine made a shard.
-
-`score` (`make score RECIPE=NAME`) grades every sample 1/0 in the answer format its source declares, in
-CPU tasks of `score.shard_rows` rows on every node (shards under `${paths.data}/corpus_shards/`), and
-writes the training corpus `${paths.data}/corpus.parquet` (with `score` and `pred`).
+It streams on Ray Data over every node of the cluster (`streaming.py`; docs/design.md, "Streaming data stages"):
+it reads `${paths.data}/prompts.parquet` and writes `${paths.data}/samples.parquet`, one row per (prompt, sample)
+with `prompt_ids`, `response_ids`, `response`, `finish_reason`, `logprobs` (the sampled tokens' log-probs) and the
+prompt's verl fields. Shards of `rollout.shard_prompts` prompts go to a pool of engine actors; each shard is
+written atomically under `${paths.data}/samples_shards/`, and a killed run restarts with the shards it has, so no
+row is lost or duplicated. Every sample's seed is fixed by (rollout seed, prompt, sample), so the corpus does not
+depend on the number of engines or on which engine made a shard.
 """
 
 from __future__ import annotations

@@ -1,14 +1,6 @@
-"""Prompt sets: the datasets a recipe draws problems from, their templates and answer formats.
-
-Each source loads a dataset, extracts ground truths, applies the paper's prompt template (A.1,
-Figure 1) and declares the answer format its responses are graded in (`grading.ANSWER_FORMATS`).
-Every loader reads the hub through `datasets` (`dataset.path` = hub name) or a local file / folder in
-the same schema (`dataset.path=/dir/train.parquet`). Besides the hub datasets there are two generated
-sources: the built-in synthetic arithmetic task and reasoning-gym's task generators.
-
-The `prompts` stage (`make prompts RECIPE=NAME`) writes `${paths.data}/prompts.parquet` in verl's
-field conventions, with the chat-templated `prompt_ids`; prompts longer than data.max_prompt_length
-are dropped, with a count printed.
+"""The `prompts` stage (`make prompts RECIPE=NAME`): `dataset` through its source (`sources.py`) into
+`${paths.data}/prompts.parquet` in verl's field conventions, with the chat-templated `prompt_ids`; prompts longer
+than data.max_prompt_length are dropped, with a count printed.
 """
 
 from __future__ import annotations

@@ -1,14 +1,11 @@
-"""Prompt sets: the datasets a recipe draws problems from, their templates and answer formats.
+"""Prompt sources: the datasets a recipe draws problems from, their ground truths and prompt templates.
 
-Each source loads a dataset, extracts ground truths, applies the paper's prompt template (A.1,
-Figure 1) and declares the answer format its responses are graded in (`grading.ANSWER_FORMATS`).
-Every loader reads the hub through `datasets` (`dataset.path` = hub name) or a local file / folder in
-the same schema (`dataset.path=/dir/train.parquet`). Besides the hub datasets there are two generated
-sources: the built-in synthetic arithmetic task and reasoning-gym's task generators.
-
-The `prompts` stage (`make prompts RECIPE=NAME`) writes `${paths.data}/prompts.parquet` in verl's
-field conventions, with the chat-templated `prompt_ids`; prompts longer than data.max_prompt_length
-are dropped, with a count printed.
+Each source loads a dataset, extracts ground truths and applies the paper's prompt template (A.1, Figure 1); its
+responses are graded in the answer format `dqo_verl.reward.formats` declares for its data_source. Every loader
+reads the hub through `datasets` (`dataset.path` = hub name) or a local file / folder in the same schema
+(`dataset.path=/dir/train.parquet`). Besides the hub datasets there are two generated sources: the built-in
+synthetic arithmetic task and reasoning-gym's task generators. The evaluation sets are built here too
+(`eval_prompts`, registered for dqo_verl's eval harness as an entry point).
 """
 
 from __future__ import annotations

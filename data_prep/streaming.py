@@ -5,8 +5,9 @@ the shards that have no output yet through a Ray Data `map_batches`: to a fixed 
 generation engine each (`EngineActor`: vLLM, or transformers where vLLM is absent), or to CPU tasks
 (grading). An actor holds one shard at a time and takes the next as soon as it is done, so there is no
 barrier between shards and a slow shard delays only its own engine. Each shard's rows are written
-atomically by the worker as `<folder>/shard_<start>.parquet` and only a one-row summary (rows, tokens,
-busy seconds, node) comes back to the driver, which shows progress and never holds the stage's rows.
+atomically by the worker as `<folder>/part-<start>.parquet` (`dqo_verl.data.shards`) and only a one-row
+summary (rows, tokens, busy seconds, node) comes back to the driver, which shows progress and never holds the
+stage's rows.
 A killed stage rerun skips the shards it has; Ray retries the work of a lost worker or node.
 `combine_shards` then joins the shards into the stage's output file one shard at a time and checks the
 row count. docs/design.md, "Streaming data stages".

@@ -1,8 +1,9 @@
-"""What every command shares: the Hydra config (base + recipes) and the two kinds of error a user sees.
+"""Hydra composition: the base config with a recipe and method settings, and the command entry point.
 
 `python -m dqo_verl.main +recipe=NAME key=value ...` and `python -m dqo_verl.pipeline +recipe=NAME ...`
 compose the base config `dqo_verl/config/dqo.yaml` with `recipes/NAME.yaml` (or `$DQO_RECIPES_DIR/NAME.yaml`),
-registered as the Hydra config group `recipe`; `--cfg job` prints the composed config.
+registered as the Hydra config group `recipe`; `--cfg job` prints the composed config. Commands end on an
+InputError or RunError (`errors.py`) with one line.
 """
 
 from __future__ import annotations

@@ -1,10 +1,4 @@
-"""The offline corpus: read, check and batch it in verl's left/right-padded layout.
-
-One parquet row per (prompt, response) (docs/design.md, "Data"). The trainer needs `prompt_ids`,
-`response_ids` (token id lists) and `score` (outcome reward); `segment_ends` (response token
-indices where a step ends), `process_rewards` (one per segment end) and `ref_logprobs` (one per
-response token) are optional.
-"""
+"""DPO pairs from a graded corpus (paper A.2): (chosen, rejected) responses of the same prompt."""
 
 from __future__ import annotations
 

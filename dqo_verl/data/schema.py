@@ -1,9 +1,9 @@
-"""The offline corpus: read, check and batch it in verl's left/right-padded layout.
+"""The corpus contract: the columns a training corpus has, and their checks.
 
-One parquet row per (prompt, response) (docs/design.md, "Data"). The trainer needs `prompt_ids`,
-`response_ids` (token id lists) and `score` (outcome reward); `segment_ends` (response token
-indices where a step ends), `process_rewards` (one per segment end) and `ref_logprobs` (one per
-response token) are optional.
+One parquet row per (prompt, response) (docs/design.md, "Data"). The trainer needs `prompt_ids`, `response_ids`
+(token id lists) and `score` (outcome reward); `segment_ends` (response token indices where a step ends),
+`process_rewards` (one per segment end) and `ref_logprobs` (one per response token) are optional. A bad row is
+one `RowError` naming the file, row and field.
 """
 
 from __future__ import annotations

@@ -1,15 +1,6 @@
-"""Evaluation harness (paper §5.2, Tables 2/3/9): policies x datasets x decodings -> a Table-2-style report.
-
-The `eval` stage (`make eval RECIPE=NAME CKPTS="dir1 dir2"`, or `evaluate.models=[dir1,dir2]`) evaluates
-HF checkpoints (e.g. `export/policy` or a checkpoint's `policy/huggingface`) on the recipe's
-evaluation sets, with the training prompt templates, on the rollout worker group (vLLM or transformers):
-
-- greedy decoding, and sampling (temperature 0.7, top_p 0.9, top_k 16, min_p 0.01) over 5 seeds,
-  reported as mean +- std (sample std over the seeds);
-- AIME24: 30 samples per problem, the mean pass rate, and unbiased pass@k for `evaluate.pass_k`.
-
-Writes `${evaluate.out_dir}/samples.parquet` (model, dataset, decoding, seed, prompt, response,
-pred, score), `table.md`, `table.csv` and `summary.json`, and prints the table.
+"""The decodings of an evaluation, a registry by kind: greedy and sampled answers, N samples ranked by the value
+model (best-of-N by V or by Q) and by vote (majority@N), and step-level beams ranked by V or by Q
+(docs/design.md, "Using V").
 """
 
 from __future__ import annotations

@@ -4,9 +4,11 @@ The `eval` stage (`make eval RECIPE=NAME CKPTS="dir1 dir2"`, or `evaluate.models
 HF checkpoints (e.g. `export/policy` or a checkpoint's `policy/huggingface`) on the recipe's
 evaluation sets, with the training prompt templates, on the rollout worker group (vLLM or transformers):
 
-- greedy decoding, and sampling (temperature 0.7, top_p 0.9, top_k 16, min_p 0.01) over 5 seeds,
-  reported as mean +- std (sample std over the seeds);
-- AIME24: 30 samples per problem, the mean pass rate, and unbiased pass@k for `evaluate.pass_k`.
+- greedy decoding, and sampling over 5 seeds, reported as mean +- std (sample std over the seeds): temperature
+  0.7 (the paper's A.1 evaluation value; its §5.2 names 0.9 as the alternative), top_p 0.9, top_k 16, min_p 0.01
+  (our reading of the paper's sampling "threshold");
+- AIME24: 30 samples per problem, the mean pass rate, and unbiased pass@k for `evaluate.pass_k`;
+- with a value model, the value-guided decodings of `decodings.py`.
 
 Writes `${evaluate.out_dir}/samples.parquet` (model, dataset, decoding, seed, prompt, response,
 pred, score), `table.md`, `table.csv` and `summary.json`, and prints the table.

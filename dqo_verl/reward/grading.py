@@ -1,6 +1,6 @@
 """Outcome grading (paper A.1): extract the final answer of a response and compare it with the truth.
 
-Every prompt source declares its answer format (`prompts.answer_format`); grading knows the formats:
+Every data source has an answer format (`formats.answer_format`); grading knows the formats:
 
 - `gsm8k` (GSM8K, the synthetic task): the number after the last `####`, compared by value (commas,
   `$`, trailing zeros ignored);

@@ -1,25 +1,9 @@
-"""Process scores from prefix completions (paper §5.5, A.1, Figure 4).
+"""Reasoning steps: a response's steps end at a separator, a blank line by default (paper §5.5, A.1).
 
-A response is split into segments at blank lines. For a failed response, the prefix y[0:i] (the
-prompt and the first i segments) is *correct* when at least one of K completions sampled from it
-reaches the right answer; the longest correct prefix i* earns reward 1/n at the end of each of its
-i* segments (a correct response earns 1/n at every segment end). `linear` is the paper's scan
-(i = n-1 down to 1, stop at the first correct prefix); `binary` searches i assuming that a prefix of
-a correct prefix is correct, and finds the same i* whenever that holds, with about log2(n) probes
-instead of up to n-1.
-
-Searches run for many responses at once, one round of probes at a time (`SearchState.next_probe`
-/ `record`), so the rollout engines get large batches: the rounds of one shard of responses run on one
-engine actor, and the shards stream over a pool of them on every node (`streaming.py`), so an engine
-whose searches end early takes the next shard instead of waiting for the others' rounds.
-
-The `process` stage (`make process RECIPE=NAME`) reads `${paths.data}/corpus.parquet` and writes
-`${paths.data}/corpus_ps.parquet` (the corpus plus `segment_ends`, `process_rewards`,
-`correct_prefix`), `process_stats.json` and `process_prefix.png` (histogram of i*/n). Completions go
-through the engines (prefix caching shares each prefix among its K completions); each
-completion's seed is fixed by (response, prefix, k), so `linear` and `binary` see the same samples for
-the same prefix. Shards are written atomically under `${paths.data}/process_shards/`; a killed run
-resumes from the shards it has.
+The one definition of a step: process scores (`data_prep.process`), the value curves of the report, the
+evaluation's step-level beams and the synthetic task's solutions all split at `process.separator`, whose default
+is `STEP_SEPARATOR`. `segment_ends` maps the separators of a response's text to the response tokens where each
+step ends.
 """
 
 from __future__ import annotations

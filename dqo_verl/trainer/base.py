@@ -4,7 +4,7 @@
 corpus before any worker starts, starts the method's models in one colocated process per rank, fills
 in reference log-probs (`ref_cache`), runs the updates in a seeded epoch order, checkpoints and resumes
 exactly, logs through verl's `Tracking` and `metrics.jsonl`, stops on a failed worker or a non-finite
-loss, and exports every model in HF format. A method (`trainers.py`) supplies its models (`roles`), its
+loss, and exports every model in HF format. A method (`methods.py`) supplies its models (`roles`), its
 batches, the targets it computes between forward passes, and its losses.
 """
 
@@ -193,7 +193,7 @@ def _rows_digest(rows: np.ndarray) -> str:
 
 
 class Trainer:
-    """An offline training run. Subclasses are the methods; see `trainers.py`."""
+    """An offline training run. Subclasses are the methods; see `methods.py`."""
 
     # what a method declares
     roles: ClassVar[dict[str, str]] = {"policy": "language_model"}  # role -> verl model type

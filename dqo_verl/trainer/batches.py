@@ -1,9 +1,5 @@
-"""The offline corpus: read, check and batch it in verl's left/right-padded layout.
-
-One parquet row per (prompt, response) (docs/design.md, "Data"). The trainer needs `prompt_ids`,
-`response_ids` (token id lists) and `score` (outcome reward); `segment_ends` (response token
-indices where a step ends), `process_rewards` (one per segment end) and `ref_logprobs` (one per
-response token) are optional.
+"""Training batches: corpus rows into verl's left/right-padded TensorDict, with the per-token fields the DQO
+losses read (actions, rewards, reference log-probs), and the seeded order of an epoch's batches.
 """
 
 from __future__ import annotations
