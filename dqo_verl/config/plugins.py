@@ -7,11 +7,13 @@ from __future__ import annotations
 
 from importlib.metadata import entry_points
 
+from dqo_verl.config.errors import RunError
+
 STAGES = "dqo_verl.stages"
 PROMPT_SETS = "dqo_verl.prompt_sets"
 
 
-class MissingPlugin(RuntimeError):
+class MissingPlugin(RunError):
     """Nothing is registered under a name dqo_verl needs (the package is not installed, or its metadata is stale)."""
 
 
