@@ -20,8 +20,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from verl.trainer.ppo.core_algos import agg_loss, kl_penalty
 
 GRANULARITIES = ("token", "step", "sequence")
+# how a loss matrix [B, T] becomes the loss (verl's `agg_loss` modes): the paper's is token-mean
+LOSS_AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum")
+# the trajectory importance weight: the paper's product of per-action ratios, or its per-action geometric mean
+IS_WEIGHT_FORMS = ("product", "length-normalized")
 
 
 def _masked(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -119,16 +124,52 @@ def compute_lambda_returns(
     return returns
 
 
-def compute_is_weights(log_ratio: torch.Tensor, response_mask: torch.Tensor, log_clip: float = 1.0) -> torch.Tensor:
-    """Per-trajectory importance weights [B], detached: w_b = min(pi(y|x) / pi_ref(y|x), e^log_clip) (eq. 4.6, 4.7)."""
-    seq_log_ratio = _masked(log_ratio.detach(), response_mask).sum(dim=1)
+def compute_is_weights(
+    log_ratio: torch.Tensor, response_mask: torch.Tensor, log_clip: float = 1.0, form: str = "product"
+) -> torch.Tensor:
+    """Per-trajectory importance weights [B], detached (eq. 4.6, 4.7):
+
+    product (the paper's):    w_b = min(pi(y|x) / pi_ref(y|x), e^log_clip) = exp(min(sum_k lr_bk, log_clip))
+    length-normalized:        w_b = exp(min(sum_k lr_bk / n_b, log_clip))   (n_b actions; a per-action ratio)
+    """
+    mask = response_mask.to(log_ratio.dtype)
+    seq_log_ratio = _masked(log_ratio.detach(), mask).sum(dim=1)
+    if form == "length-normalized":
+        seq_log_ratio = seq_log_ratio / mask.sum(dim=1).clamp(min=1)
+    elif form != "product":
+        raise ValueError(f"unknown importance-weight form {form!r}; expected one of {IS_WEIGHT_FORMS}")
     return torch.exp(seq_log_ratio.clamp(max=log_clip))
 
 
-def _weighted_mean(sq_err: torch.Tensor, weights: torch.Tensor, mask: torch.Tensor, normalizer) -> torch.Tensor:
-    total = _masked(sq_err * weights.detach().unsqueeze(1), mask).sum()
-    denom = mask.sum().clamp(min=1) if normalizer is None else normalizer
-    return total / denom
+def aggregate(
+    loss_mat: torch.Tensor,
+    mask: torch.Tensor,
+    mode: str = "token-mean",
+    normalizer: float | None = None,
+    seq_normalizer: float | None = None,
+) -> torch.Tensor:
+    """The loss of a batch from its per-action terms (verl's `agg_loss`; docs/design.md, "Loss aggregation"):
+
+    token-mean (the paper's, eq. 4.6/4.7): sum_{b,k} m l / N,        N = `normalizer` (default: sum m)
+    seq-mean-token-mean:                   sum_b (sum_k m l / n_b) / S, S = `seq_normalizer` (default: rows with
+    seq-mean-token-sum:                    sum_b (sum_k m l) / S         an action), n_b = actions of row b
+    A global N or S (the whole update's, over ranks and micro-batches) makes micro-batch losses add up to it.
+    """
+    if mode not in LOSS_AGG_MODES:
+        raise ValueError(f"unknown loss aggregation {mode!r}; expected one of {LOSS_AGG_MODES}")
+    mask = mask.to(loss_mat.dtype)
+    loss_mat = _masked(loss_mat, mask)
+    if mode == "token-mean":
+        normalizer = mask.sum().clamp(min=1) if normalizer is None else normalizer
+    elif seq_normalizer is None:
+        seq_normalizer = (mask.sum(dim=1) > 0).sum().clamp(min=1)
+    return agg_loss(loss_mat, mask, mode, batch_num_tokens=normalizer, global_batch_size=seq_normalizer)
+
+
+def token_kl(log_ratio: torch.Tensor, response_mask: torch.Tensor, estimator: str = "low_var_kl") -> torch.Tensor:
+    """Per-token estimate of KL(pi || pi_ref) from log(pi/pi_ref) at the sampled tokens (verl's `kl_penalty`
+    estimators: kl/k1, mse/k2, low_var_kl/k3 (clamped), with `+` for the k2 gradient), 0 outside the mask."""
+    return _masked(kl_penalty(log_ratio, torch.zeros_like(log_ratio), estimator), response_mask)
 
 
 def dqo_value_loss(
@@ -137,14 +178,18 @@ def dqo_value_loss(
     weights: torch.Tensor,
     response_mask: torch.Tensor,
     normalizer: float | None = None,
+    loss_agg_mode: str = "token-mean",
+    seq_normalizer: float | None = None,
 ) -> tuple[torch.Tensor, dict]:
     """L_V = sum_{b,t} m * w_b * (G_bt - V_phi(s_bt))^2 / sum m (eq. 4.3, 4.6); gradient only through `values`.
 
-    `normalizer` replaces `sum m` (a global count when the batch is split across ranks/micro-batches).
+    `normalizer` replaces `sum m` (a global count when the batch is split across ranks/micro-batches);
+    `loss_agg_mode` / `seq_normalizer`: another aggregation of the same terms (`aggregate`).
     """
     mask = response_mask.to(values.dtype)
     err = _masked(returns.detach() - values, mask)
-    loss = _weighted_mean(err.square(), weights, mask, normalizer)
+    loss_mat = err.square() * weights.detach().unsqueeze(1)
+    loss = aggregate(loss_mat, mask, loss_agg_mode, normalizer, seq_normalizer)
     n = mask.sum().clamp(min=1)
     metrics = {
         "value_loss": loss.detach(),
@@ -164,18 +209,21 @@ def dqo_policy_loss(
     response_mask: torch.Tensor,
     beta: float,
     normalizer: float | None = None,
+    loss_agg_mode: str = "token-mean",
+    seq_normalizer: float | None = None,
 ) -> tuple[torch.Tensor, dict]:
     """L_pi = sum m * w_b * (Vbar_t + beta * log_ratio_t - r_t - G_{t+1})^2 / sum m  (eq. 4.5, 4.7).
 
     Q_theta(s_t, a_t) = beta * log_ratio_t + Vbar(s_t) is regressed on r_t + G_{t+1}; gradient only
-    through `log_ratio` (Vbar, rewards, returns, weights detached); G_{T_b} = 0.
+    through `log_ratio` (Vbar, rewards, returns, weights detached); G_{T_b} = 0. Aggregation as in
+    `dqo_value_loss`.
     """
     mask = response_mask.to(log_ratio.dtype)
     next_returns = _masked(returns.detach(), mask)[:, 1:]
     next_returns = torch.nn.functional.pad(next_returns, (0, 1))  # G_{t+1}; 0 after the last token
     q = _masked(beta * log_ratio + values.detach(), mask)
     err = _masked(q - rewards.detach() - next_returns, mask)
-    loss = _weighted_mean(err.square(), weights, mask, normalizer)
+    loss = aggregate(err.square() * weights.detach().unsqueeze(1), mask, loss_agg_mode, normalizer, seq_normalizer)
     n = mask.sum().clamp(min=1)
     metrics = {
         "policy_loss": loss.detach(),
@@ -205,6 +253,7 @@ def dqo_targets(
     beta: float,
     lam: float,
     is_log_clip: float = 1.0,
+    is_weight_form: str = "product",
 ) -> DQOTargets:
     """Targets of one update from per-token log-ratios, values and rewards ([B, T], zero outside the response).
 
@@ -221,7 +270,7 @@ def dqo_targets(
         values=a_values,
         mask=mask,
         returns=compute_lambda_returns(a_rewards, a_log_ratio, a_values, mask, beta, lam),
-        weights=compute_is_weights(a_log_ratio, mask, is_log_clip),
+        weights=compute_is_weights(a_log_ratio, mask, is_log_clip, is_weight_form),
     )
 
 

@@ -28,6 +28,12 @@ def _normalizer(data: TensorDict) -> float:
     return tu.get_non_tensor_data(data, "num_actions", None) / data["dp_size"]
 
 
+def _seq_normalizer(data: TensorDict) -> float | None:
+    """The update's responses with an action, over ranks (for the seq-mean aggregations)."""
+    n = tu.get_non_tensor_data(data, "num_sequences", None)
+    return None if n is None else n / data["dp_size"]
+
+
 def _metrics(loss: torch.Tensor, metrics: dict, prefix: str) -> dict:
     out = {f"{prefix}/loss": Metric(AggregationType.SUM, loss.detach())}
     for key, value in metrics.items():
@@ -36,8 +42,18 @@ def _metrics(loss: torch.Tensor, metrics: dict, prefix: str) -> dict:
     return out
 
 
-def dqo_policy_loss_fn(model_output: dict, data: TensorDict, dp_group=None, *, beta: float) -> tuple:
-    """DQO policy loss on one micro-batch: Q = beta * log(pi/pi_ref) + Vbar regressed on r + G[t+1]."""
+def dqo_policy_loss_fn(
+    model_output: dict,
+    data: TensorDict,
+    dp_group=None,
+    *,
+    beta: float,
+    loss_agg_mode: str = "token-mean",
+    kl_coef: float = 0.0,
+    kl_estimator: str = "low_var_kl",
+) -> tuple:
+    """DQO policy loss on one micro-batch: Q = beta * log(pi/pi_ref) + Vbar regressed on r + G[t+1]; with
+    `kl_coef` > 0, plus kl_coef times a token-level KL(pi || pi_ref) estimate, aggregated the same way."""
     log_probs = no_padding_2_padding(model_output["log_probs"], data).float()
     mask, ref_logprobs, values, rewards, ends, returns, weights = _batch_fields(
         data, "response_mask", "ref_logprobs", "values", "rewards", "action_ends", "returns", "is_weights"
@@ -53,11 +69,25 @@ def dqo_policy_loss_fn(model_output: dict, data: TensorDict, dp_group=None, *, b
         response_mask=algo.action_mask(ends),
         beta=beta,
         normalizer=_normalizer(data),
+        loss_agg_mode=loss_agg_mode,
+        seq_normalizer=_seq_normalizer(data),
     )
+    if kl_coef:
+        kl = algo.aggregate(
+            algo.token_kl(log_ratio, mask, kl_estimator),
+            mask,
+            loss_agg_mode,
+            normalizer=tu.get_non_tensor_data(data, "num_tokens", None) / data["dp_size"],
+            seq_normalizer=_seq_normalizer(data),
+        )
+        loss = loss + kl_coef * kl
+        metrics["kl"] = kl.detach()
     return loss, _metrics(loss, metrics, "policy")
 
 
-def dqo_value_loss_fn(model_output: dict, data: TensorDict, dp_group=None) -> tuple:
+def dqo_value_loss_fn(
+    model_output: dict, data: TensorDict, dp_group=None, *, loss_agg_mode: str = "token-mean"
+) -> tuple:
     """DQO value loss on one micro-batch: V(s) at each action's first state regressed on G."""
     values = no_padding_2_padding(model_output["values"], data).float()
     ends, returns, weights = _batch_fields(data, "action_ends", "returns", "is_weights")
@@ -68,6 +98,8 @@ def dqo_value_loss_fn(model_output: dict, data: TensorDict, dp_group=None) -> tu
         weights=weights,
         response_mask=algo.action_mask(ends),
         normalizer=_normalizer(data),
+        loss_agg_mode=loss_agg_mode,
+        seq_normalizer=_seq_normalizer(data),
     )
     return loss, _metrics(loss, metrics, "value")
 

@@ -62,9 +62,16 @@ class DQOTrainer(Trainer):
             )
 
     def loss_fn(self, role: str) -> Callable:
+        a = self.config.algorithm
         if role == "policy":
-            return partial(dqo_policy_loss_fn, beta=self.config.algorithm.beta)
-        return dqo_value_loss_fn
+            return partial(
+                dqo_policy_loss_fn,
+                beta=a.beta,
+                loss_agg_mode=a.policy_loss_agg,
+                kl_coef=a.kl_coef,
+                kl_estimator=a.kl_estimator,
+            )
+        return partial(dqo_value_loss_fn, loss_agg_mode=a.value_loss_agg)
 
     def make_batch(self, rows: pd.DataFrame) -> TensorDict:
         spec = BatchSpec(
@@ -80,7 +87,9 @@ class DQOTrainer(Trainer):
         out = self.forward(td, ("policy", "value"), step)
         mask = td["response_mask"].bool()
         log_ratio = torch.where(mask, out["policy"] - td["ref_logprobs"], torch.zeros_like(out["policy"]))
-        t = algo.dqo_targets(log_ratio, out["value"], td["rewards"], td["action_ends"], a.beta, a.lam, a.is_log_clip)
+        t = algo.dqo_targets(
+            log_ratio, out["value"], td["rewards"], td["action_ends"], a.beta, a.lam, a.is_log_clip, a.is_weight_form
+        )
         ones = torch.ones_like(t.weights)
         fields = {"value": {"returns": t.returns, "is_weights": t.weights if self.is_value else ones}}
         warmup = step < self.config.trainer.critic_warmup  # verl's critic warm-up: V alone for the first updates
@@ -90,7 +99,12 @@ class DQOTrainer(Trainer):
                 "returns": t.returns,
                 "is_weights": t.weights if self.is_policy else ones,
             }
-        metrics = self.train(fields, td, step, num_actions=int(t.mask.sum()))
+        counts = {
+            "num_actions": int(t.mask.sum()),
+            "num_sequences": int((t.mask.sum(dim=1) > 0).sum()),
+            "num_tokens": int(mask.sum()),
+        }
+        metrics = self.train(fields, td, step, **counts)
         seq_log_ratio = log_ratio.sum(dim=1)
         metrics.update(
             {

@@ -177,11 +177,24 @@ def bare_dqo_step(cfg, rows):
     mask, ends, a = b["response_mask"].bool(), b["action_ends"], cfg.algorithm
     log_ratio = torch.where(mask, response_outputs(policy, "log_probs") - b["ref_logprobs"], 0.0)
     values = response_outputs(value, "values")
-    t = algo.dqo_targets(log_ratio, values, b["rewards"], ends, a.beta, a.lam, a.is_log_clip)
+    t = algo.dqo_targets(log_ratio, values, b["rewards"], ends, a.beta, a.lam, a.is_log_clip, a.is_weight_form)
     p_loss, _ = algo.dqo_policy_loss(
-        algo.collapse_to_actions(log_ratio, ends), t.values, t.rewards, t.returns, t.weights, t.mask, a.beta
+        algo.collapse_to_actions(log_ratio, ends),
+        t.values,
+        t.rewards,
+        t.returns,
+        t.weights,
+        t.mask,
+        a.beta,
+        loss_agg_mode=a.policy_loss_agg,
     )
-    v_loss, _ = algo.dqo_value_loss(algo.values_at_action_starts(values, ends), t.returns, t.weights, t.mask)
+    if a.kl_coef:
+        p_loss = p_loss + a.kl_coef * algo.aggregate(
+            algo.token_kl(log_ratio, mask, a.kl_estimator), mask, a.policy_loss_agg
+        )
+    v_loss, _ = algo.dqo_value_loss(
+        algo.values_at_action_starts(values, ends), t.returns, t.weights, t.mask, loss_agg_mode=a.value_loss_agg
+    )
     (p_loss + v_loss).backward()
     norm = lambda m: torch.sqrt(sum((p.grad**2).sum() for p in m.parameters() if p.grad is not None)).item()  # noqa: E731
     return {
@@ -192,14 +205,24 @@ def bare_dqo_step(cfg, rows):
     }
 
 
-# lambda < 1 with step actions and a reference model of its own, and token actions with a zeroed head (the
-# lambda-returns of each granularity are checked against loops in test_algo)
+# lambda < 1 with step actions, a reference model of its own and the controls away from the paper's (per-response
+# loss aggregation, a token-level KL, length-normalised weights), and token actions with a zeroed head (the
+# lambda-returns of each granularity and the controls' formulas are checked against loops in test_algo)
+CONTROLS = [
+    "algorithm.policy_loss_agg=seq-mean-token-mean",
+    "algorithm.value_loss_agg=seq-mean-token-sum",
+    "algorithm.kl_coef=0.5",
+    "algorithm.is_weight_form=length-normalized",
+]
+
+
 @pytest.mark.parametrize(
     "granularity,lam,zero_head,own_reference", [("step", 0.5, False, True), ("token", 1.0, True, False)]
 )
 def test_worker_update_equals_bare_algo(e2e, tiny_models, tmp_path, capsys, granularity, lam, zero_head, own_reference):
     """One update through the 2-rank FSDP groups computes what algo.py computes on plain transformers."""
     extra = [f"algorithm.granularity={granularity}", f"algorithm.lam={lam}", f"value.zero_head={zero_head}"]
+    extra += CONTROLS if own_reference else []
     if own_reference:  # a reference that is not the initial policy (same weights, another folder)
         ref_copy, other_cache = tmp_path / "ref", tmp_path / "other_ref"
         shutil.copytree(tiny_models[0], ref_copy)
