@@ -285,6 +285,10 @@ class Trainer:
             section = OmegaConf.merge(section, {"model": {"override_config": {"attn_implementation": attn}}})
         return section
 
+    def steps_per_update(self, role: str) -> int:
+        """Optimizer steps of `role` per update (a method may step its value model more than once)."""
+        return 1
+
     def start(self) -> None:
         """Start the pool and the method's groups, and fill in reference log-probs (idempotent)."""
         if self.groups:
@@ -292,7 +296,10 @@ class Trainer:
         c = self.config
         self.pool = make_resource_pool(c.trainer.nnodes, c.trainer.n_gpus_per_node, name="dqo")
         roles = {
-            name: Role(model_type, self.sections[name], self.loss_fn(name)) for name, model_type in self.roles.items()
+            name: Role(
+                model_type, self.sections[name], self.loss_fn(name), steps_per_update=self.steps_per_update(name)
+            )
+            for name, model_type in self.roles.items()
         }
         self.groups = start_groups(self.pool, roles, c.checkpoint, self.total_steps)
         if "value" in self.groups and c.value.get("zero_head", False):  # a resumed run loads its own head later

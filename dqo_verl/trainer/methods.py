@@ -61,6 +61,9 @@ class DQOTrainer(Trainer):
                 "updates to the policy"
             )
 
+    def steps_per_update(self, role: str) -> int:
+        return int(self.config.value.get("updates_per_batch") or 1) if role == "value" else 1
+
     def loss_fn(self, role: str) -> Callable:
         a = self.config.algorithm
         if role == "policy":
@@ -105,6 +108,8 @@ class DQOTrainer(Trainer):
             "num_tokens": int(mask.sum()),
         }
         metrics = self.train(fields, td, step, **counts)
+        for _ in range(self.steps_per_update("value") - 1):  # more value steps on the same targets
+            metrics.update(self.train({"value": fields["value"]}, td, step, **counts))
         seq_log_ratio = log_ratio.sum(dim=1)
         metrics.update(
             {

@@ -205,6 +205,7 @@ class Role:
     config: DictConfig
     loss_fn: Callable | None = None
     forward_only: bool = False
+    steps_per_update: int = 1  # optimizer steps per update of the run (its LR schedule spans all of them)
 
 
 def make_resource_pool(nnodes: int, n_gpus_per_node: int, name: str) -> RayResourcePool:
@@ -221,7 +222,7 @@ def _worker_class(role: Role, checkpoint: DictConfig, total_steps: int) -> RayCl
     engine = omega_conf_to_dataclass(role.config.engine)
     engine.forward_only = role.forward_only
     optimizer = omega_conf_to_dataclass(role.config.optim)
-    optimizer.total_training_steps = total_steps
+    optimizer.total_training_steps = total_steps * role.steps_per_update
     config = TrainingWorkerConfig(
         model_type=role.model_type,
         model_config=omega_conf_to_dataclass(role.config.model),
