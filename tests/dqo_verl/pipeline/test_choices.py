@@ -6,10 +6,10 @@ import sys
 from pathlib import Path
 
 import pytest
-import ray
 
 from dqo_verl.config.compose import compose_config
 from dqo_verl.config.errors import InputError
+from dqo_verl.config.stages import Stage
 from dqo_verl.pipeline.runner import run_pipeline
 
 REPO = Path(__file__).resolve().parents[3]
@@ -38,15 +38,18 @@ CASES = [  # (overrides, the key the error names, the bad value, one of the choi
 
 
 @pytest.mark.parametrize(("overrides", "key", "value", "choice"), CASES, ids=[c[1] for c in CASES])
-def test_an_unknown_choice_stops_the_pipeline_before_anything_runs(tmp_path, overrides, key, value, choice):
+def test_an_unknown_choice_stops_the_pipeline_before_anything_runs(
+    tmp_path, monkeypatch, overrides, key, value, choice
+):
     cfg = compose_config("tiny_cpu", [f"paths.root={tmp_path}", *overrides])
+    # no stage may start (and so no Ray): a stage's function is never even looked up
+    monkeypatch.setattr(Stage, "function", lambda self: pytest.fail(f"the {self.name} stage was started"))
     with pytest.raises(InputError) as err:
         run_pipeline(cfg)
     message = str(err.value)
     assert f"{key}={value} is not one of: " in message or f"{key}: {value} is not one of: " in message, message
     assert choice in message.split("is not one of: ")[1].split(", ")
     assert "\n" not in message
-    assert not ray.is_initialized()
     assert not any(tmp_path.iterdir())  # nothing written
 
 
