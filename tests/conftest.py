@@ -99,17 +99,19 @@ def ray_session(ray_temp_dir):
         )
 
 
-# the test files that take longest (seconds on 2 cores, 2026-12-04), started first: `make test` runs two processes
-# that take a file at a time in this order, so the short files fill the end instead of one long file running alone
+# the test files that take longest (seconds of a clean `make test` here, 2026-12-06), started first: `make test` runs
+# two processes that take a file at a time in this order, so the short files fill the end instead of one long file
+# running alone
 LONGEST_FILES = [
-    "test_train_e2e.py",  # ~150
-    "test_demo.py",  # ~145
-    "test_cluster.py",  # ~125
-    "test_evaluate.py",  # ~100 with the trained tiny policy
-    "test_corpus.py",  # ~75
+    "test_cluster.py",  # ~300
+    "test_demo.py",  # ~250
+    "test_train_e2e.py",  # ~155
+    "test_corpus.py",  # ~95
+    "test_evaluate.py",  # ~85 with the trained tiny policy
     "test_rehearsal.py",  # ~60
-    "test_robust.py",  # ~35
+    "test_robust.py",  # ~55
     "test_lora.py",  # ~30
+    "test_workers.py",  # ~20
 ]
 
 
