@@ -23,7 +23,10 @@ from dqo_verl.config.errors import RowError
 from dqo_verl.data.schema import LIST_COLUMNS, apply_length_limits, check_columns, validate_table
 
 # corpus columns a trainer reads (token lists, labels); any others (texts, verl's prompt fields) stay on disk
-TRAIN_COLUMNS = ("uid", "score", *LIST_COLUMNS)
+TRAIN_COLUMNS = ("uid", "score", "finish_reason", *LIST_COLUMNS)
+# what to do with responses the sampler cut at its length limit (finish_reason "length"): kept as failures (the
+# paper), dropped from the training set, or masked (kept in their batches, out of both losses)
+CUT_RESPONSES = ("failure", "drop", "mask")
 
 SCAN_ROWS = 8192  # rows per vectorised validation pass
 
@@ -92,12 +95,18 @@ class CorpusScan:
 
 
 def scan_corpus(
-    reader: ParquetRows, path: Path, required: tuple[str, ...], vocab_size: int | None, limits: tuple[int, int, str]
+    reader: ParquetRows,
+    path: Path,
+    required: tuple[str, ...],
+    vocab_size: int | None,
+    limits: tuple[int, int, str],
+    cut_responses: str = "failure",
 ) -> CorpusScan:
     """Check every row (first problem: RowError naming file, row and field) and apply the length limits.
 
     As `data.apply_length_limits` does on whole rows: a long prompt drops its row, a long response drops it
-    (`overlong=drop`) or is cut, and a cut response scores 0.
+    (`overlong=drop`) or is cut, and a cut response scores 0. With `cut_responses=drop`, responses the sampler cut
+    at its length limit are dropped too.
     """
     max_prompt, max_response, overlong = limits
     if overlong not in ("truncate", "drop"):
@@ -111,6 +120,8 @@ def scan_corpus(
             "prompt_len": pc.list_value_length(table["prompt_ids"]).to_numpy().astype(np.int32),
             "response_len": pc.list_value_length(table["response_ids"]).to_numpy().astype(np.int32),
         }
+        if "finish_reason" in table.column_names:
+            part["sampler_cut"] = pc.fill_null(pc.equal(table["finish_reason"], "length"), False).to_numpy().copy()
         for name in ("uid", "score"):
             if name in table.column_names:
                 part[name] = table[name].to_numpy().copy()
@@ -127,6 +138,9 @@ def scan_corpus(
     }
     cut = response_long & ~prompt_long
     keep = ~prompt_long & ~response_long if overlong == "drop" else ~prompt_long
+    if cut_responses == "drop" and "sampler_cut" in meta.columns:
+        stats["cut_by_sampler_dropped"] = int((meta["sampler_cut"] & keep).sum())
+        keep &= ~meta["sampler_cut"]
     meta = meta[keep].copy()
     if overlong == "truncate":
         cut = cut[meta.index]
@@ -171,4 +185,6 @@ class TrainSet:
             table = table.append_column("ref_logprobs", ref)
         frame = table.to_pandas()
         max_prompt, max_response, overlong = self.limits
+        sampler_cut = frame["finish_reason"].eq("length") if "finish_reason" in frame else False
+        frame["cut"] = (frame["response_ids"].map(len) > max_response) | sampler_cut  # no answer: at a length limit
         return apply_length_limits(frame, max_prompt, max_response, "truncate")[0]

@@ -33,7 +33,8 @@ def summarize(samples: pd.DataFrame, pass_k: list[int]) -> dict:
     """{model: {column: {...}}} from per-sample results.
 
     Columns are `<dataset> greedy` (accuracy) and `<dataset> sample` (mean/std over seeds of the
-    per-seed accuracy, or for multi-sample sets the mean pass rate and pass@k over problems).
+    per-seed accuracy, or for multi-sample sets the mean pass rate and pass@k over problems); each with `cut`, the
+    share of its answers that ran into the length limit (finish_reason "length").
     """
     out: dict = {}
     for (model, dataset, decoding), g in samples.groupby(["model", "dataset", "decoding"], sort=False):
@@ -59,6 +60,8 @@ def summarize(samples: pd.DataFrame, pass_k: list[int]) -> dict:
             res = {"accuracy": mean, "std": std, "seeds": len(per_seed), "n": int(g["uid"].nunique())}
         if "tokens" in g and g["tokens"].notna().all():
             res["tokens_per_problem"] = float(g.groupby("uid")["tokens"].first().mean())
+        if "finish_reason" in g:  # answers that ran into the length limit (loops, mostly): no final answer
+            res["cut"] = float((g["finish_reason"] == "length").mean())
         out.setdefault(model, {})[col] = res
     return out
 
@@ -74,6 +77,8 @@ def cell(res: dict) -> str:
         notes.append(f"Q AUROC={res['q_auroc']:.2f}")
     if "tokens_per_problem" in res:
         notes.append(f"{res['tokens_per_problem']:.0f} tokens/problem")
+    if res.get("cut"):
+        notes.append(f"cut {100 * res['cut']:.1f}%")
     return text + (f" ({', '.join(notes)})" if notes else "")
 
 

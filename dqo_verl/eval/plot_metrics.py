@@ -1,7 +1,8 @@
 """Training curves as PNG: `python -m dqo_verl.eval.plot_metrics RUN_DIR [--eval SUMMARY.json ...]`.
 
 Reads the trainer's `RUN_DIR/metrics.jsonl` and writes `RUN_DIR/plots/`: losses, importance-weight
-statistics, V at the first response state (and its return), KL to the reference, gradient norms;
+statistics, V at the first response state (and its return), KL to the reference, gradient norms, and the
+per-class diagnostics (right, wrong, cut at a length limit) in one `diagnostics.png`;
 with evaluation summaries (`dqo_verl.eval.harness`'s summary.json) of checkpoints (`.../global_step_N/...`),
 also accuracy per checkpoint.
 """
@@ -29,6 +30,41 @@ PANELS = {
     "kl": ["dqo/kl_seq_mean"],
     "grad_norm": ["policy/grad_norm", "value/grad_norm"],
 }
+
+
+# by response class (`diag/<class>/<key>`, trainer.methods.DQOTrainer.diagnostics): one panel per key
+DIAGNOSTICS = {
+    "sequence log-ratio": ["seq_log_ratio"],
+    "trajectory weight (mean)": ["weight_mean"],
+    "weights at the clip": ["weight_clipped"],
+    "V(s_0) (solid) vs return (dashed)": ["v_first", "return_first"],
+    "V at the last action (solid) vs return (dashed)": ["v_last", "return_last"],
+    "token NLL under the policy": ["nll"],
+    "policy loss share": ["policy_loss_share"],
+    "value loss share": ["value_loss_share"],
+}
+CLASS_COLORS = {"right": "tab:green", "wrong": "tab:red", "cut": "tab:gray"}
+
+
+def plot_diagnostics(metrics: pd.DataFrame, path: Path) -> Path | None:
+    """One PNG of the per-class diagnostics over the updates (right, wrong, cut at a length limit)."""
+    if not any(c.startswith("diag/") for c in metrics.columns):
+        return None
+    fig = Figure(figsize=(12, 6))
+    axes = fig.subplots(2, 4).ravel()
+    for ax, (title, keys) in zip(axes, DIAGNOSTICS.items()):
+        for name, color in CLASS_COLORS.items():
+            for key, style in zip(keys, ("-", "--")):
+                column = f"diag/{name}/{key}"
+                if column in metrics:
+                    label = name if style == "-" else None
+                    ax.plot(metrics["step"], metrics[column], style, color=color, label=label)
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel("update", fontsize=8)
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    return path
 
 
 def load_metrics(run_dir: Path) -> pd.DataFrame:
@@ -67,6 +103,9 @@ def plot_run(run_dir: Path, summaries: list[Path] = ()) -> list[Path]:
         fig.tight_layout()
         written.append(out / f"{name}.png")
         fig.savefig(written[-1], dpi=120)
+    diagnostics = plot_diagnostics(metrics, out / "diagnostics.png")
+    if diagnostics:
+        written.append(diagnostics)
     acc = checkpoint_accuracy(list(summaries))
     if len(acc):
         fig = Figure(figsize=(6, 3.5))

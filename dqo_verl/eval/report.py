@@ -11,6 +11,7 @@ the report when it ends.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pandas as pd
@@ -20,6 +21,7 @@ from transformers import AutoModelForTokenClassification, AutoTokenizer
 
 from dqo_verl.eval.inspect_values import plot, segment_values
 from dqo_verl.eval.metrics import out_dir
+from dqo_verl.eval.plot_metrics import plot_run
 from dqo_verl.reward.steps import STEP_SEPARATOR
 
 
@@ -69,6 +71,13 @@ def run(cfg: DictConfig) -> Path:
             separator=cfg.process.separator,
         )
         parts.append(f"![V after each segment of a few test answers]({png.name})\n")
+    run_dir = Path(cfg.trainer.output_dir)
+    if (run_dir / "metrics.jsonl").exists():  # the training curves and the per-class diagnostics, as PNG
+        plots = plot_run(run_dir)
+        diagnostics = [p for p in plots if p.name == "diagnostics.png"]
+        if diagnostics:
+            parts.append(f"![training by response class]({os.path.relpath(diagnostics[0], root)})\n")
+        print(f"[report] training plots: {run_dir / 'plots'}")
     parts.append(last_line(cfg.report.label, summary, cfg.evaluate.sets[0]) + "\n")
     out = root / "report.md"
     tmp = out.with_name(".report.md.tmp")

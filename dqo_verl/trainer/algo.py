@@ -17,6 +17,7 @@ the action mask is `action_mask(action_ends)`.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -172,6 +173,28 @@ def token_kl(log_ratio: torch.Tensor, response_mask: torch.Tensor, estimator: st
     return _masked(kl_penalty(log_ratio, torch.zeros_like(log_ratio), estimator), response_mask)
 
 
+def value_terms(values: torch.Tensor, returns: torch.Tensor, weights: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """[B, T]: the value loss's terms w_b (G_bt - V(s_bt))^2 (eq. 4.6), 0 outside the mask."""
+    err = _masked(returns.detach() - values, mask)  # masked first: garbage outside never reaches a gradient
+    return err.square() * weights.detach().unsqueeze(1)
+
+
+def policy_terms(
+    log_ratio: torch.Tensor,
+    values: torch.Tensor,
+    rewards: torch.Tensor,
+    returns: torch.Tensor,
+    weights: torch.Tensor,
+    mask: torch.Tensor,
+    beta: float,
+) -> torch.Tensor:
+    """[B, T]: the policy loss's terms w_b (beta log_ratio_t + Vbar_t - r_t - G_{t+1})^2 (eq. 4.7), 0 outside."""
+    mask = mask.to(log_ratio.dtype)
+    next_returns = torch.nn.functional.pad(_masked(returns.detach(), mask)[:, 1:], (0, 1))  # G_{t+1}; 0 at the end
+    err = _masked(beta * log_ratio + values.detach() - rewards.detach() - next_returns, mask)
+    return err.square() * weights.detach().unsqueeze(1)
+
+
 def dqo_value_loss(
     values: torch.Tensor,
     returns: torch.Tensor,
@@ -188,8 +211,7 @@ def dqo_value_loss(
     """
     mask = response_mask.to(values.dtype)
     err = _masked(returns.detach() - values, mask)
-    loss_mat = err.square() * weights.detach().unsqueeze(1)
-    loss = aggregate(loss_mat, mask, loss_agg_mode, normalizer, seq_normalizer)
+    loss = aggregate(value_terms(values, returns, weights, mask), mask, loss_agg_mode, normalizer, seq_normalizer)
     n = mask.sum().clamp(min=1)
     metrics = {
         "value_loss": loss.detach(),
@@ -219,11 +241,9 @@ def dqo_policy_loss(
     `dqo_value_loss`.
     """
     mask = response_mask.to(log_ratio.dtype)
-    next_returns = _masked(returns.detach(), mask)[:, 1:]
-    next_returns = torch.nn.functional.pad(next_returns, (0, 1))  # G_{t+1}; 0 after the last token
     q = _masked(beta * log_ratio + values.detach(), mask)
-    err = _masked(q - rewards.detach() - next_returns, mask)
-    loss = aggregate(err.square() * weights.detach().unsqueeze(1), mask, loss_agg_mode, normalizer, seq_normalizer)
+    terms = policy_terms(log_ratio, values, rewards, returns, weights, mask, beta)
+    loss = aggregate(terms, mask, loss_agg_mode, normalizer, seq_normalizer)
     n = mask.sum().clamp(min=1)
     metrics = {
         "policy_loss": loss.detach(),
@@ -272,6 +292,50 @@ def dqo_targets(
         returns=compute_lambda_returns(a_rewards, a_log_ratio, a_values, mask, beta, lam),
         weights=compute_is_weights(a_log_ratio, mask, is_log_clip, is_weight_form),
     )
+
+
+def class_diagnostics(
+    classes: torch.Tensor,
+    names: tuple[str, ...],
+    t: DQOTargets,
+    token_log_ratio: torch.Tensor,
+    token_log_probs: torch.Tensor,
+    token_mask: torch.Tensor,
+    value_terms: torch.Tensor,
+    policy_terms: torch.Tensor,
+    log_clip: float,
+) -> dict[str, float]:
+    """What an update did to each class of response (`classes` [B]: index into `names`), as `diag/<class>/<key>`:
+    share of the rows; mean sequence log-ratio log pi(y|x)/pi_ref(y|x); trajectory-weight mean and the share of
+    weights at the clip; V and the return G at the first state and at the last action's state; the mean
+    per-token NLL of the responses under the policy (-log pi(y_t|s_t), the entropy's sample estimate on
+    on-policy data); and the share of each loss's summed terms."""
+    out: dict[str, float] = {}
+    tm = token_mask.bool()
+    seq_lr = _masked(token_log_ratio, tm).sum(dim=1)
+    nll = -_masked(token_log_probs, tm).sum(dim=1) / tm.sum(dim=1).clamp(min=1)
+    last = (t.mask.sum(dim=1) - 1).clamp(min=0).long().unsqueeze(1)
+    v_last, g_last = t.values.gather(1, last).squeeze(1), t.returns.gather(1, last).squeeze(1)
+    v_sum, p_sum = value_terms.sum(dim=1), policy_terms.sum(dim=1)
+    v_total, p_total = float(v_sum.sum()), float(p_sum.sum())
+    clipped = t.weights >= math.exp(log_clip) * (1 - 1e-6)
+    for c, name in enumerate(names):
+        rows = classes == c
+        if not rows.any():
+            continue
+        k = f"diag/{name}"
+        out[f"{k}/share"] = rows.double().mean().item()
+        out[f"{k}/seq_log_ratio"] = seq_lr[rows].mean().item()
+        out[f"{k}/weight_mean"] = t.weights[rows].mean().item()
+        out[f"{k}/weight_clipped"] = clipped[rows].double().mean().item()
+        out[f"{k}/v_first"] = t.values[rows, 0].mean().item()
+        out[f"{k}/return_first"] = t.returns[rows, 0].mean().item()
+        out[f"{k}/v_last"] = v_last[rows].mean().item()
+        out[f"{k}/return_last"] = g_last[rows].mean().item()
+        out[f"{k}/nll"] = nll[rows].mean().item()
+        out[f"{k}/value_loss_share"] = float(v_sum[rows].sum()) / v_total if v_total > 0 else 0.0
+        out[f"{k}/policy_loss_share"] = float(p_sum[rows].sum()) / p_total if p_total > 0 else 0.0
+    return out
 
 
 def dpo_loss(

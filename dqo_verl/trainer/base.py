@@ -37,9 +37,17 @@ from verl.utils.metric import reduce_metrics
 from verl.utils.tracking import Tracking
 from verl.workers.utils.padding import left_right_2_no_padding, no_padding_2_padding
 
-from dqo_verl.config.errors import InputError, RunError
+from dqo_verl.config.errors import InputError, RunError, check_choice
 from dqo_verl.data.budget import check_budget
-from dqo_verl.data.trainset import LARGE_ROW_GROUP, CorpusScan, ParquetRows, TrainSet, open_corpus, scan_corpus
+from dqo_verl.data.trainset import (
+    CUT_RESPONSES,
+    LARGE_ROW_GROUP,
+    CorpusScan,
+    ParquetRows,
+    TrainSet,
+    open_corpus,
+    scan_corpus,
+)
 from dqo_verl.trainer import ref_cache
 from dqo_verl.trainer.batches import BatchSpec, build_batch, epoch_batches
 from dqo_verl.trainer.checkpoints import COMPLETE_MARKER, CheckpointDir, epoch_checkpoints
@@ -75,8 +83,12 @@ def load_corpus(config: DictConfig, required: tuple[str, ...], models: list[str]
     path = Path(config.data.train_files).expanduser()
     corpus = open_corpus(path)
     d = config.data
-    scan = scan_corpus(corpus, path, required, vocab_size(models), limits(config))
+    cut = d.get("cut_responses") or "failure"
+    check_choice("data.cut_responses", cut, CUT_RESPONSES)
+    scan = scan_corpus(corpus, path, required, vocab_size(models), limits(config), cut)
     stats = scan.stats
+    if stats.get("cut_by_sampler_dropped"):
+        print(f"[data] {stats['cut_by_sampler_dropped']} responses cut at the sampler's length limit dropped")
     if stats["prompt_too_long_dropped"] or stats["response_too_long"]:
         print(
             f"[data] {stats['prompt_too_long_dropped']} rows dropped (prompt > {d.max_prompt_length} tokens); "

@@ -14,6 +14,17 @@ from verl.utils import tensordict_utils as tu
 
 from dqo_verl.trainer import algo
 
+# the classes a response falls in, for the diagnostics and the cut-response control: right, wrong (stopped, graded
+# 0), cut at a length limit (the sampler's or the training budget's)
+RESPONSE_CLASSES = ("right", "wrong", "cut")
+
+
+def response_classes(rows: pd.DataFrame) -> torch.Tensor:
+    """Long [B]: the index in RESPONSE_CLASSES of each row (`cut` column when present, else none is cut)."""
+    cut = rows["cut"].to_numpy(dtype=bool) if "cut" in rows.columns else np.zeros(len(rows), dtype=bool)
+    right = rows["score"].to_numpy(dtype=np.float64) == 1.0 if "score" in rows.columns else np.zeros(len(rows), bool)
+    return torch.as_tensor(np.where(cut, 2, np.where(right, 0, 1)), dtype=torch.long)
+
 
 @dataclass
 class BatchSpec:
@@ -40,7 +51,8 @@ def build_batch(rows: pd.DataFrame, spec: BatchSpec) -> TensorDict:
 
     Tensor fields: prompts, responses, input_ids, attention_mask, position_ids, response_mask,
     ref_logprobs (0 where absent), rewards (outcome on the last token, process rewards at segment
-    ends when enabled), action_ends (bool, per `spec.granularity`). Non-tensor: temperature = 1.
+    ends when enabled), action_ends (bool, per `spec.granularity`), response_class (per row, RESPONSE_CLASSES).
+    Non-tensor: temperature = 1.
     """
     prompts = list(rows["prompt_ids"])
     responses = list(rows["response_ids"])
@@ -89,6 +101,7 @@ def build_batch(rows: pd.DataFrame, spec: BatchSpec) -> TensorDict:
             "ref_logprobs": ref_logprobs,
             "rewards": rewards,
             "action_ends": action_ends,
+            "response_class": response_classes(rows),
         },
         non_tensor_dict={"temperature": 1.0},
     )

@@ -29,7 +29,7 @@ from dqo_verl.config.errors import InputError, check_choice
 from dqo_verl.data.pairs import preference_pairs
 from dqo_verl.trainer import algo
 from dqo_verl.trainer.base import Trainer
-from dqo_verl.trainer.batches import BatchSpec, build_batch
+from dqo_verl.trainer.batches import RESPONSE_CLASSES, BatchSpec, build_batch
 from dqo_verl.trainer.losses import dqo_policy_loss_fn, dqo_value_loss_fn, sequence_surrogate_loss_fn, sft_loss_fn
 
 
@@ -64,6 +64,30 @@ class DQOTrainer(Trainer):
     def steps_per_update(self, role: str) -> int:
         return int(self.config.value.get("updates_per_batch") or 1) if role == "value" else 1
 
+    def diagnostics(
+        self,
+        t: algo.DQOTargets,
+        classes: torch.Tensor,
+        log_ratio: torch.Tensor,
+        log_probs: torch.Tensor,
+        mask: torch.Tensor,
+        w_value: torch.Tensor,
+        w_policy: torch.Tensor,
+    ) -> dict[str, float]:
+        """`algo.class_diagnostics` of this update, before its step: by response class (right, wrong, cut)."""
+        a = self.config.algorithm
+        return algo.class_diagnostics(
+            classes,
+            RESPONSE_CLASSES,
+            t,
+            log_ratio,
+            log_probs,
+            mask,
+            algo.value_terms(t.values, t.returns, w_value, t.mask),
+            algo.policy_terms(t.log_ratio, t.values, t.rewards, t.returns, w_policy, t.mask, a.beta),
+            a.is_log_clip,
+        )
+
     def loss_fn(self, role: str) -> Callable:
         a = self.config.algorithm
         if role == "policy":
@@ -93,23 +117,29 @@ class DQOTrainer(Trainer):
         t = algo.dqo_targets(
             log_ratio, out["value"], td["rewards"], td["action_ends"], a.beta, a.lam, a.is_log_clip, a.is_weight_form
         )
+        classes = td["response_class"]
+        # data.cut_responses=mask: responses cut at a length limit stay in the batch, out of both losses and counts
+        keep = (classes != RESPONSE_CLASSES.index("cut")).to(t.weights.dtype)
+        if self.config.data.get("cut_responses") != "mask":
+            keep = torch.ones_like(keep)
         ones = torch.ones_like(t.weights)
-        fields = {"value": {"returns": t.returns, "is_weights": t.weights if self.is_value else ones}}
+        w_value, w_policy = (
+            (t.weights if self.is_value else ones) * keep,
+            (t.weights if self.is_policy else ones) * keep,
+        )
+        fields = {"value": {"returns": t.returns, "is_weights": w_value}}
         warmup = step < self.config.trainer.critic_warmup  # verl's critic warm-up: V alone for the first updates
         if not warmup:
-            fields["policy"] = {
-                "values": out["value"],
-                "returns": t.returns,
-                "is_weights": t.weights if self.is_policy else ones,
-            }
+            fields["policy"] = {"values": out["value"], "returns": t.returns, "is_weights": w_policy}
         counts = {
-            "num_actions": int(t.mask.sum()),
-            "num_sequences": int((t.mask.sum(dim=1) > 0).sum()),
-            "num_tokens": int(mask.sum()),
+            "num_actions": max(1, int((t.mask * keep[:, None]).sum())),
+            "num_sequences": max(1, int(((t.mask.sum(dim=1) > 0) & keep.bool()).sum())),
+            "num_tokens": max(1, int((mask & keep.bool()[:, None]).sum())),
         }
         metrics = self.train(fields, td, step, **counts)
         for _ in range(self.steps_per_update("value") - 1):  # more value steps on the same targets
             metrics.update(self.train({"value": fields["value"]}, td, step, **counts))
+        metrics.update(self.diagnostics(t, classes, log_ratio, out["policy"], mask, w_value, w_policy))
         seq_log_ratio = log_ratio.sum(dim=1)
         metrics.update(
             {

@@ -74,8 +74,29 @@ def test_train_set_reads_what_the_whole_corpus_in_memory_gives(tmp_path, overlon
     index = np.random.default_rng(2).permutation(len(rows))[:20]
     got = rows.read(index)
     columns = ["uid", "score", "prompt_ids", "response_ids", "segment_ends", "process_rewards"]
-    assert list(got.columns) == columns  # texts and other fields stay on disk
-    assert as_lists(got) == as_lists(whole.iloc[index][columns])
+    assert list(got.columns) == [*columns, "cut"]  # texts and other fields stay on disk
+    assert as_lists(got[columns]) == as_lists(whole.iloc[index][columns])
+    # cut: the response went over the budget (this corpus has no finish_reason: the sampler cut none)
+    assert got["cut"].tolist() == (df.loc[scan.meta.index[index], "response_ids"].map(len) > 8).tolist()
+
+
+@pytest.mark.parametrize("cut_responses", ["failure", "drop", "mask"])
+def test_responses_the_sampler_cut_are_flagged_and_dropped_only_when_asked(tmp_path, cut_responses):
+    df = random_corpus(30)
+    df["finish_reason"] = ["length" if i % 3 == 0 else "stop" for i in range(30)]
+    df.loc[5, "finish_reason"] = None  # unknown: not cut
+    path = write(df, tmp_path / "c.parquet", 8)
+    limits = (99, 99, "truncate")
+    scan = scan_corpus(ParquetRows([path]), path, ("prompt_ids", "response_ids", "score"), 50, limits, cut_responses)
+    sampler_cut = [i for i in range(30) if i % 3 == 0]
+    if cut_responses == "drop":
+        assert scan.meta.index.tolist() == [i for i in range(30) if i not in sampler_cut]
+        assert scan.stats["cut_by_sampler_dropped"] == 10
+    else:
+        assert scan.meta.index.tolist() == list(range(30)) and "cut_by_sampler_dropped" not in scan.stats
+    rows = TrainSet(ParquetRows([path]), scan.meta.index.to_numpy(), scan.meta.index.to_numpy(), limits)
+    got = rows.read(np.arange(len(rows)))
+    assert got["cut"].tolist() == [i in sampler_cut for i in scan.meta.index]
 
 
 def test_a_row_under_another_rows_prompt(tmp_path):

@@ -113,6 +113,17 @@ def test_summary_of_crafted_results():
     assert t.loc["A", "aime24 sample"] == "33.3 (pass@1=33.3)"
 
 
+def test_the_summary_reports_the_share_of_answers_cut_at_the_length_limit():
+    rows = crafted_results()
+    rows["finish_reason"] = ["length" if i % 4 == 0 else "stop" for i in range(len(rows))]
+    s = summarize(rows, pass_k=[1])["A"]
+    for col, g in rows.groupby(rows["dataset"] + " " + rows["decoding"]):
+        assert s[col]["cut"] == pytest.approx((g["finish_reason"] == "length").mean())
+    greedy = s["gsm8k greedy"]
+    assert greedy["cut"] > 0 and f"cut {100 * greedy['cut']:.1f}%" in table({"A": s}).loc["A", "gsm8k greedy"]
+    assert "cut" not in summarize(crafted_results(), pass_k=[1])["A"]["gsm8k greedy"]  # no finish_reason column
+
+
 def gsm8k_file(tmp_path, n):
     rows = [{"question": p["question"], "answer": p["solution"]} for p in synthetic.make_problems(n, seed=77)]
     path = tmp_path / "gsm8k_test.parquet"

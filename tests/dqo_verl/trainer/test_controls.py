@@ -99,3 +99,55 @@ def test_token_kl_estimators_equal_their_formulas():
     x = lr.clone().requires_grad_(True)
     algo.aggregate(algo.token_kl(x, mask, "low_var_kl"), mask).backward()
     assert torch.sign(x.grad[0]).tolist() == [1.0, -1.0, 1.0] and x.grad[1, 1:].abs().sum() == 0
+
+
+def test_response_classes_right_wrong_cut():
+    import pandas as pd
+
+    from dqo_verl.trainer.batches import RESPONSE_CLASSES, response_classes
+
+    rows = pd.DataFrame({"score": [1.0, 0.0, 0.0, 1.0], "cut": [False, False, True, False]})
+    assert [RESPONSE_CLASSES[c] for c in response_classes(rows).tolist()] == ["right", "wrong", "cut", "right"]
+    assert response_classes(rows.drop(columns="cut")).tolist() == [0, 1, 1, 0]  # no flag: nothing is cut
+
+
+def test_class_diagnostics_equal_loops():
+    g = torch.Generator().manual_seed(4)
+    lengths, classes = [3, 1, 4, 2], torch.tensor([0, 1, 2, 1])
+    T = max(lengths)
+    mask = torch.tensor([[1.0 if t < n else 0.0 for t in range(T)] for n in lengths], dtype=torch.float64)
+    lr = torch.randn(4, T, generator=g, dtype=torch.float64) * mask
+    logp = -torch.rand(4, T, generator=g, dtype=torch.float64) * mask
+    values = torch.randn(4, T, generator=g, dtype=torch.float64) * mask
+    rewards = torch.zeros(4, T, dtype=torch.float64)
+    for b, n in enumerate(lengths):
+        rewards[b, n - 1] = float(classes[b] == 0)
+    ends = mask.bool()
+    t = algo.dqo_targets(lr, values, rewards, ends, 0.1, 1.0, 0.5)
+    vt = algo.value_terms(t.values, t.returns, t.weights, t.mask)
+    pt = algo.policy_terms(t.log_ratio, t.values, t.rewards, t.returns, t.weights, t.mask, 0.1)
+    got = algo.class_diagnostics(classes, ("right", "wrong", "cut"), t, lr, logp, mask, vt, pt, 0.5)
+    for c, name in enumerate(("right", "wrong", "cut")):
+        rows = [b for b in range(4) if classes[b] == c]
+        mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
+        seq = [sum(lr[b, :n].tolist()) for b, n in enumerate(lengths)]
+        w = [math.exp(min(s, 0.5)) for s in seq]
+        want = {
+            "share": len(rows) / 4,
+            "seq_log_ratio": mean([seq[b] for b in rows]),
+            "weight_mean": mean([w[b] for b in rows]),
+            "weight_clipped": mean([float(s >= 0.5) for s in [seq[b] for b in rows]]),
+            "v_first": mean([values[b, 0].item() for b in rows]),
+            "return_first": mean([t.returns[b, 0].item() for b in rows]),
+            "v_last": mean([values[b, lengths[b] - 1].item() for b in rows]),
+            "return_last": mean([t.returns[b, lengths[b] - 1].item() for b in rows]),
+            "nll": mean([-sum(logp[b, : lengths[b]].tolist()) / lengths[b] for b in rows]),
+            "value_loss_share": sum(vt[b].sum().item() for b in rows) / vt.sum().item(),
+            "policy_loss_share": sum(pt[b].sum().item() for b in rows) / pt.sum().item(),
+        }
+        for key, value in want.items():
+            assert got[f"diag/{name}/{key}"] == pytest.approx(value, rel=1e-9, abs=1e-12), (name, key)
+    assert sum(got[f"diag/{n}/share"] for n in ("right", "wrong", "cut")) == pytest.approx(1.0)
+    assert sum(got[f"diag/{n}/value_loss_share"] for n in ("right", "wrong", "cut")) == pytest.approx(1.0)
+    # the return at the last state is the final soft reward: r - beta * log-ratio of the last action
+    assert got["diag/right/return_last"] == pytest.approx(1.0 - 0.1 * lr[0, 2].item())
