@@ -45,9 +45,10 @@ def value_guided(
     for group in by_problem.values():
         tokens = sum(len(r["response_ids"]) for r in group)
         rows += [{**r, "decoding": f"sample x{n}", "tokens": tokens} for r in group]
-        picks = {"V": best_by_value([r["value"] for r in group])}
+        answers = [r["pred"] for r in group]  # a sample without an answer is never preferred (as in the vote)
+        picks = {"V": best_by_value([r["value"] for r in group], answers)}
         if beta is not None:
-            picks["Q"] = best_by_value([r["q_value"] for r in group])
+            picks["Q"] = best_by_value([r["q_value"] for r in group], answers)
         rows += [{**group[i], "decoding": f"best-of-{n} ({by})", "tokens": tokens} for by, i in picks.items()]
         rows += [{**group[majority_vote([r["pred"] for r in group])], "decoding": f"majority@{n}", "tokens": tokens}]
     return rows

@@ -29,6 +29,29 @@ def seed_mean_std(accuracies: list[float]) -> tuple[float, float]:
     return float(a.mean()), float(a.std(ddof=1)) if len(a) > 1 else 0.0
 
 
+def within_problem_auroc(samples: pd.DataFrame, score: str) -> tuple[float, int]:
+    """The mean over problems with both right and wrong samples of the AUROC of `score` among that problem's
+    samples (does the score tell this problem's right answers from its wrong ones), and how many such problems."""
+    per = [
+        auroc(g[score].to_numpy(), g["score"].to_numpy() == 1)
+        for _, g in samples.groupby("uid")
+        if g["score"].nunique() == 2
+    ]
+    return (float(np.mean(per)) if per else float("nan")), len(per)
+
+
+def best_of_n_chance(samples: pd.DataFrame) -> float:
+    """Best-of-N's accuracy under a score with no signal: a random score per distinct response text, samples with
+    an extracted answer first (as best-of-N ranks them). Right answers of a problem are often one identical text,
+    so this is below the mean accuracy of the samples."""
+    chances = []
+    for _, g in samples.groupby("uid"):
+        answered = g[g["pred"].notna()] if g["pred"].notna().any() else g
+        texts = answered.drop_duplicates("response")
+        chances.append(float((texts["score"] == 1).mean()))
+    return float(np.mean(chances))
+
+
 def summarize(samples: pd.DataFrame, pass_k: list[int]) -> dict:
     """{model: {column: {...}}} from per-sample results.
 
@@ -54,12 +77,21 @@ def summarize(samples: pd.DataFrame, pass_k: list[int]) -> dict:
             for score, key in (("value", "value_auroc"), ("q_value", "q_auroc")):
                 if score in g and g[score].notna().all() and g["score"].nunique() == 2:
                     res[key] = auroc(g[score].to_numpy(), g["score"].to_numpy() == 1)
+                    res[f"{key}_within"], res["problems_mixed"] = within_problem_auroc(g, score)
         else:
             per_seed = g.groupby("seed")["score"].mean().tolist()
             mean, std = seed_mean_std(per_seed)
             res = {"accuracy": mean, "std": std, "seeds": len(per_seed), "n": int(g["uid"].nunique())}
         if "tokens" in g and g["tokens"].notna().all():
             res["tokens_per_problem"] = float(g.groupby("uid")["tokens"].first().mean())
+        if decoding.startswith("best-of-"):  # what a score with no signal would pick, from the same N samples
+            pool = samples[
+                (samples["model"] == model)
+                & (samples["dataset"] == dataset)
+                & (samples["decoding"] == f"sample x{decoding.split('-')[2].split(' ')[0]}")
+            ]
+            if len(pool):
+                res["chance"] = best_of_n_chance(pool)
         if "finish_reason" in g:  # answers that ran into the length limit (loops, mostly): no final answer
             res["cut"] = float((g["finish_reason"] == "length").mean())
         out.setdefault(model, {})[col] = res
@@ -71,10 +103,11 @@ def cell(res: dict) -> str:
     if "std" in res:
         text += f" ± {100 * res['std']:.1f}"
     notes = [f"{k}={100 * v:.1f}" for k, v in res.items() if k.startswith("pass@")]
-    if "value_auroc" in res:
-        notes.append(f"V AUROC={res['value_auroc']:.2f}")
-    if "q_auroc" in res:
-        notes.append(f"Q AUROC={res['q_auroc']:.2f}")
+    for key, label in (("value_auroc", "V"), ("q_auroc", "Q")):
+        if key in res:
+            notes.append(f"{label} AUROC={res[key]:.2f}, within problem {res.get(key + '_within', math.nan):.2f}")
+    if "chance" in res:
+        notes.append(f"chance {100 * res['chance']:.1f}")
     if "tokens_per_problem" in res:
         notes.append(f"{res['tokens_per_problem']:.0f} tokens/problem")
     if res.get("cut"):

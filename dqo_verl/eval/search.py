@@ -1,7 +1,7 @@
 """Answer selection and search with a value model (docs/design.md, "Using V"): pure bookkeeping, no models.
 
 - `majority_vote`: self-consistency, the most frequent extracted answer among N samples;
-- `best_by_value`: the sample whose final state V scores highest (best-of-N);
+- `best_by_value`: the sample whose final state V scores highest (best-of-N), samples without an answer last;
 - `ValueBeam`: step-level beam search for one problem. Each round, every open beam (a response prefix ending
   at a step boundary) is continued K times to its next blank line or its end; the B highest-scoring of the new
   prefixes and the beams already finished are kept; it ends when every kept beam is finished or after
@@ -28,9 +28,11 @@ def majority_vote(answers: Sequence[str | None]) -> int:
     return next(i for i, a in enumerate(answers) if a is not None and counts[a] == top)
 
 
-def best_by_value(values: Sequence[float]) -> int:
-    """Index of the highest value (the first of equal ones)."""
-    return max(range(len(values)), key=lambda i: (values[i], -i))
+def best_by_value(values: Sequence[float], answers: Sequence[str | None] | None = None) -> int:
+    """Index of the highest value (the first of equal ones); given the samples' extracted `answers`, a sample
+    without one ranks below every sample with one, as in majority voting."""
+    has = [True] * len(values) if answers is None else [a is not None for a in answers]
+    return max(range(len(values)), key=lambda i: (has[i], values[i], -i))
 
 
 @dataclass

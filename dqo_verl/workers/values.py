@@ -23,10 +23,11 @@ from dqo_verl.workers.groups import Call, release, release_pool
 from dqo_verl.workers.rollout import objects
 
 
-def final_value(values: np.ndarray, response_ids: list[int], eos_token_id: int) -> float:
-    """V at the state that emitted the response's eos, or after its last token when it was cut (no eos)."""
-    ends = len(response_ids) > 0 and response_ids[-1] == eos_token_id
-    return float(values[len(response_ids) - 1] if ends else values[len(response_ids)])
+def final_value(values: np.ndarray, response_ids: list[int], eos_token_id: int | None = None) -> float:
+    """V at the state that emitted the response's last token (its eos, or the token where it was cut): the last
+    state the value loss trains on. (`eos_token_id` is kept for callers; a cut response is scored at its last
+    state too, not after it, where V was never trained.)"""
+    return float(values[max(len(response_ids) - 1, 0)])
 
 
 def step_q(values: np.ndarray, log_ratio: np.ndarray, start: int, beta: float) -> float:

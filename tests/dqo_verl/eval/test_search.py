@@ -27,6 +27,9 @@ def test_majority_vote_and_best_of_n():
     assert majority_vote([None, "7", "5", "5"]) == 2
     assert majority_vote([None, None]) == 0
     assert best_by_value([0.2, 0.9, 0.9, -1.0]) == 1
+    # a sample without an extracted answer ranks below every sample with one, whatever its value
+    assert best_by_value([0.2, 0.9, 0.9, -1.0], ["3", None, None, "4"]) == 0
+    assert best_by_value([0.2, 0.9], [None, None]) == 1  # none has one: by value
 
 
 @pytest.mark.parametrize("beams,answer,value,tokens", [(1, (0, 1, 0), 0.25, 2 + 2 + 2), (2, (1, 0, 0), 1.0, 2 + 4 + 4)])
