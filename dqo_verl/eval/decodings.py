@@ -24,7 +24,8 @@ def value_guided(
     results: list[dict], prompts: pd.DataFrame, values: ValueGroup, eos_token_id: int, beta: float | None = None
 ) -> list[dict]:
     """N samples per problem -> the samples with their final value (decoding `sample xN`), and per problem the
-    sample with the highest value (`best-of-N (V)`) and the one majority voting picks (`majority@N`); given
+    sample with the highest value (`best-of-N (V)`), the one the policy itself finds likeliest (`best-of-N
+    (likelihood)`, the baseline with no value model) and the one majority voting picks (`majority@N`); given
     `beta` (value workers serving log-ratios), also each sample's Q estimate of its outcome, V(s_0) + beta *
     log(pi/pi_ref) of the whole response, and the sample with the highest (`best-of-N (Q)`). Every row carries
     the tokens its problem's N samples cost."""
@@ -49,6 +50,8 @@ def value_guided(
         picks = {"V": best_by_value([r["value"] for r in group], answers)}
         if beta is not None:
             picks["Q"] = best_by_value([r["q_value"] for r in group], answers)
+        # the baseline that needs no value model: the policy's own likelihood of each sample
+        picks["likelihood"] = best_by_value([r["loglik"] for r in group], answers)
         rows += [{**group[i], "decoding": f"best-of-{n} ({by})", "tokens": tokens} for by, i in picks.items()]
         rows += [{**group[majority_vote([r["pred"] for r in group])], "decoding": f"majority@{n}", "tokens": tokens}]
     return rows

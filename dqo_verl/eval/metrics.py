@@ -74,7 +74,7 @@ def summarize(samples: pd.DataFrame, pass_k: list[int]) -> dict:
             for k in pass_k:
                 if k <= per_problem["size"].min():
                     res[f"pass@{k}"] = float(np.mean([pass_at_k(int(n), int(c), k) for n, c in per_problem.values]))
-            for score, key in (("value", "value_auroc"), ("q_value", "q_auroc")):
+            for score, key in (("value", "value_auroc"), ("q_value", "q_auroc"), ("loglik", "loglik_auroc")):
                 if score in g and g[score].notna().all() and g["score"].nunique() == 2:
                     res[key] = auroc(g[score].to_numpy(), g["score"].to_numpy() == 1)
                     res[f"{key}_within"], res["problems_mixed"] = within_problem_auroc(g, score)
@@ -103,7 +103,7 @@ def cell(res: dict) -> str:
     if "std" in res:
         text += f" ± {100 * res['std']:.1f}"
     notes = [f"{k}={100 * v:.1f}" for k, v in res.items() if k.startswith("pass@")]
-    for key, label in (("value_auroc", "V"), ("q_auroc", "Q")):
+    for key, label in (("value_auroc", "V"), ("q_auroc", "Q"), ("loglik_auroc", "likelihood")):
         if key in res:
             notes.append(f"{label} AUROC={res[key]:.2f}, within problem {res.get(key + '_within', math.nan):.2f}")
     if "chance" in res:

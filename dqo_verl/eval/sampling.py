@@ -50,6 +50,8 @@ def sample_and_grade(
             "response": o["response"],
             "response_ids": list(o["response_ids"]),
             "finish_reason": o["finish_reason"],
+            # log pi(y|x) of the sample under the policy that wrote it (the engines' raw per-token log-probs)
+            "loglik": float(np.sum(o["logprobs"])) if o.get("logprobs") is not None else float("nan"),
             **g,
         }
         for (u, j), o, g in zip(requests, outs, graded)

@@ -186,25 +186,30 @@ def test_evaluate_tiny_models_on_local_files(ray_session, tiny_models, trained_t
     samples = pd.read_parquet(tmp_path / "eval" / "samples.parquet")
     n_aime = len(pd.read_parquet(aime_file(tmp_path)))
     # greedy, 2 seeds (4 samples on aime24), and (not on gsm8k) 4 value-guided samples, the 2 answers chosen from
-    # them by V, by Q and by vote, and the answers of the beams by V and by Q
-    per_model = 6 * (1 + 2) + 8 * (1 + 2) + n_aime * (1 + 4) + (6 + n_aime) * (4 + 3 + 2)
+    # them by V, by Q, by the policy's likelihood and by vote, and the answers of the beams by V and by Q
+    per_model = 6 * (1 + 2) + 8 * (1 + 2) + n_aime * (1 + 4) + (6 + n_aime) * (4 + 4 + 2)
     assert len(samples) == 2 * per_model
     assert set(samples["score"]) <= {0.0, 1.0}
     assert set(summary) == {"random", "trained"}
-    decodings = ("greedy", "sample", "sample x4", "best-of-4 (V)", "best-of-4 (Q)", "majority@4")
+    decodings = ("greedy", "sample", "sample x4", "best-of-4 (V)", "best-of-4 (Q)", "best-of-4 (likelihood)")
+    decodings += ("majority@4",)
     decodings += ("value beam 2x2", "Q beam 2x2")
     assert set(summary["trained"]) == {f"{d} {m}" for d in ("synthetic", "aime24") for m in decodings} | {
         "gsm8k greedy",
         "gsm8k sample",
     }  # evaluate.value.sets: not on gsm8k
-    # best-of-N takes the sample of highest final value, majority the most frequent answer, of the same 4
-    guided = samples[samples["decoding"].isin(["sample x4", "best-of-4 (V)", "best-of-4 (Q)", "majority@4"])]
+    # best-of-N takes the sample of highest score among those with an answer (all when none has one), majority the
+    # most frequent answer, of the same 4
+    best_of = ["best-of-4 (V)", "best-of-4 (Q)", "best-of-4 (likelihood)"]
+    guided = samples[samples["decoding"].isin(["sample x4", *best_of, "majority@4"])]
     q_spread = {"random": [], "trained": []}
     for (model, _, _), g in guided.groupby(["model", "dataset", "uid"]):
         pool = g[g["decoding"] == "sample x4"]
-        best, voted = g[g["decoding"] == "best-of-4 (V)"].iloc[0], g[g["decoding"] == "majority@4"].iloc[0]
-        assert len(pool) == 4 and best["value"] == pool["value"].max()
-        assert g[g["decoding"] == "best-of-4 (Q)"].iloc[0]["q_value"] == pool["q_value"].max()
+        voted = g[g["decoding"] == "majority@4"].iloc[0]
+        ranked = pool[pool["pred"].notna()] if pool["pred"].notna().any() else pool
+        assert len(pool) == 4
+        for decoding, score in zip(best_of, ("value", "q_value", "loglik")):
+            assert g[g["decoding"] == decoding].iloc[0][score] == ranked[score].max(), decoding
         q_spread[model].append(np.ptp(pool["q_value"]))
         counts = pool["pred"].value_counts()
         assert voted["sample"] == 0 if counts.empty else counts[voted["pred"]] == counts.max()  # no answers: the first
@@ -223,7 +228,10 @@ def test_evaluate_tiny_models_on_local_files(ray_session, tiny_models, trained_t
         (samples["model"] == "trained") & (samples["dataset"] == "synthetic") & (samples["decoding"] == "sample x4")
     ]
     mixed = right["score"].nunique() == 2
-    assert ("value_auroc" in synthetic) == mixed == ("q_auroc" in synthetic) and "pass@2" in synthetic
+    assert ("value_auroc" in synthetic) == mixed == ("q_auroc" in synthetic) == ("loglik_auroc" in synthetic)
+    assert ("value_auroc_within" in synthetic) == mixed and "pass@2" in synthetic
+    assert 0 <= summary["trained"]["synthetic best-of-4 (V)"]["chance"] <= 1
+    assert np.isfinite(right["loglik"]).all() and (right["loglik"] <= 0).all()
     assert summary["trained"]["synthetic best-of-4 (V)"]["tokens_per_problem"] == synthetic["tokens_per_problem"] > 0
     assert summary["trained"]["synthetic sample"]["seeds"] == 2
     assert "pass@2" in summary["trained"]["aime24 sample"]
