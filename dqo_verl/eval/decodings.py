@@ -12,7 +12,9 @@ import pandas as pd
 from omegaconf import DictConfig
 
 from dqo_verl.eval.sampling import GREEDY, grade_answers, sample_and_grade
-from dqo_verl.eval.search import ValueBeam, best_by_value, majority_vote, run_beams
+from dqo_verl.eval.search import Ids, ValueBeam, best_by_value, majority_vote, run_beams
+from dqo_verl.reward.formats import answer_format
+from dqo_verl.reward.grading import extract_answer
 from dqo_verl.reward.steps import STEP_SEPARATOR
 from dqo_verl.workers.rollout import RolloutGroup, sample_seed
 from dqo_verl.workers.values import ValueGroup, final_value, step_q
@@ -116,7 +118,13 @@ def beam_and_grade(
         k = len(continuations[0]) if continuations else 0
         return [scores[n * k : (n + 1) * k] for n in range(len(requests))]
 
-    best = run_beams(searches, expand, score)
+    formats = [answer_format(src) for src in prompts["data_source"]]
+
+    def answered(i: int, ids: Ids) -> bool:  # beams without an answer are picked last, as in best-of-N
+        text = tokenizer.decode(list(ids), skip_special_tokens=True)
+        return formats[i] is None or extract_answer(text, formats[i]) is not None
+
+    best = run_beams(searches, expand, score, answered)
     texts = [tokenizer.decode(list(b.ids), skip_special_tokens=True) for b in best]
     graded = grade_answers(prompts, list(range(len(prompts))), texts, workers, "grading beams")
     return [

@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 
 Ids = tuple[int, ...]
 
@@ -87,11 +88,13 @@ def run_beams(
     searches: list[ValueBeam],
     expand: Callable[[list[tuple[int, Ids]], int], list[list[tuple[Ids, bool]]]],
     score: Callable[[list[tuple[int, Ids]], list[list[tuple[Ids, bool]]]], list[list[float]]],
+    answered: Callable[[int, Ids], bool] | None = None,
 ) -> list[Beam]:
     """Run many searches together: each round, one `expand` and one `score` call for all of them.
 
     Requests are (index of the search, prefix): `expand(requests, k)` gives K continuations of each prefix,
-    `score(requests, continuations)` their scores."""
+    `score(requests, continuations)` their scores; `answered(search, ids)`, when given, says whether a finished
+    beam has an extractable answer (those without one are picked last)."""
     while not all(s.finished for s in searches):
         active = [i for i, s in enumerate(searches) if not s.finished]
         k = searches[active[0]].k
@@ -103,4 +106,4 @@ def run_beams(
         for i in active:
             mine = [n for n, (j, _) in enumerate(requests) if j == i]
             searches[i].advance([conts[n] for n in mine], [values[n] for n in mine])
-    return [s.best for s in searches]
+    return [s.best(None if answered is None else partial(answered, i)) for i, s in enumerate(searches)]

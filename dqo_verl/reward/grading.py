@@ -172,6 +172,11 @@ def equivalent(pred: str, truth: str, timeout_seconds: int = TIMEOUT_SECONDS) ->
     return False
 
 
+def extract_answer(response: str, answer_format: str) -> str | None:
+    """The answer `grade` would compare with the truth (None: the response has none)."""
+    return grade(response, "", answer_format)["pred"]
+
+
 def grade(response: str, ground_truth: str, answer_format: str) -> dict:
     """{'score': 1.0 or 0.0, 'pred': the extracted answer or None}; never raises on a response."""
     if answer_format not in ANSWER_FORMATS:

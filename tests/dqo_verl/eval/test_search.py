@@ -63,3 +63,14 @@ def test_many_searches_run_together_and_stop_at_max_rounds():
     assert best[0].ids == (1, 0, 0) and (best[1].ids, best[1].done) == ((0,), False)  # unfinished: still reported
     with pytest.raises(ValueError, match="continuations for 1 open beams"):
         ValueBeam(beams=1, k=2, max_rounds=3).advance([], [])
+
+
+def test_a_finished_beam_without_an_answer_is_picked_last():
+    def early(requests, k):  # token 1 ends the response at once
+        return [[((j,), j == 1 or len(p) + 1 == 3) for j in range(k)] for _, p in requests]
+
+    search = ValueBeam(beams=2, k=2, max_rounds=10)
+    # as above, (1,) at 0.5 and (0, 1) at 0.2 finish; say (1,) has no extractable answer: (0, 1) is picked
+    (best,) = run_beams([search], early, score, answered=lambda i, ids: ids != (1,))
+    assert (best.ids, best.score) == ((0, 1), 0.2)
+    assert search.best(lambda ids: False).ids == (1,)  # none has an answer: by score
