@@ -78,10 +78,11 @@ class ValueBeam:
         self.kept = ranked[: self.beams]
         self.rounds += 1
 
-    @property
-    def best(self) -> Beam:
-        """The highest-scoring finished beam (an unfinished one only when none finished)."""
-        return max(self.kept, key=lambda b: (b.done, b.score))
+    def best(self, answered: Callable[[Ids], bool] | None = None) -> Beam:
+        """The highest-scoring finished beam (an unfinished one only when none finished); given `answered`, a beam
+        whose text has no extractable answer ranks below every beam with one, as in best-of-N and the vote."""
+        has = answered or (lambda ids: True)
+        return max(self.kept, key=lambda b: (b.done, has(b.ids), b.score))
 
 
 def run_beams(
