@@ -1,7 +1,8 @@
 """The main job: `python -m dqo_verl.main +recipe=NAME [key=value ...]`, the same under `ray job submit`.
 
 Trains the method `algorithm.name` (dqo, dro: DQO and its sequence-level variant; sft, rs: fine-tuning on the
-corpus or its right answers; dpo, kto: preference baselines) on the corpus `data.train_files`; Ray is started
+corpus or its right answers; dpo, kto: preference baselines; verifier: a plain outcome verifier, the value model
+alone) on the corpus `data.train_files`; Ray is started
 (or joined: `ray_init.address`, RAY_ADDRESS) only after the corpus has been read and checked.
 It is the pipeline's `train` stage on its own, what a cluster user submits once the data stages have run; it
 imports no data-generation code (no data_prep, Ray Data, datasets or matplotlib).

@@ -338,6 +338,21 @@ def class_diagnostics(
     return out
 
 
+def outcome_verifier_loss(
+    values: torch.Tensor, rewards: torch.Tensor, response_mask: torch.Tensor, normalizer: float | None = None
+) -> tuple[torch.Tensor, dict]:
+    """A plain outcome verifier (ORM), the baseline for DQO's V: V at the state that emits each response's last
+    token regressed on its outcome R_b = sum_t r_bt, L = sum_b (V(s_b,last) - R_b)^2 / B (B = `normalizer`,
+    default the rows with a response token); gradient only through `values`."""
+    last = last_token_mask(response_mask)
+    has = last.any(dim=1)
+    err = torch.where(has, _masked(values, last).sum(dim=1) - _masked(rewards.detach(), response_mask).sum(dim=1), 0.0)
+    denom = has.sum().clamp(min=1) if normalizer is None else normalizer
+    loss = err.square().sum() / denom
+    n = has.sum().clamp(min=1)
+    return loss, {"outcome_loss": loss.detach(), "final_value_mean": _masked(values.detach(), last).sum() / n}
+
+
 def dpo_loss(
     chosen_log_ratio: torch.Tensor, rejected_log_ratio: torch.Tensor, beta: float
 ) -> tuple[torch.Tensor, dict]:

@@ -104,6 +104,14 @@ def dqo_value_loss_fn(
     return loss, _metrics(loss, metrics, "value")
 
 
+def outcome_verifier_loss_fn(model_output: dict, data: TensorDict, dp_group=None) -> tuple:
+    """The outcome verifier's loss on one micro-batch: V at each response's last state regressed on its outcome."""
+    values = no_padding_2_padding(model_output["values"], data).float()
+    mask, rewards = _batch_fields(data, "response_mask", "rewards")
+    loss, metrics = algo.outcome_verifier_loss(values, rewards, mask, normalizer=_seq_normalizer(data))
+    return loss, _metrics(loss, metrics, "value")
+
+
 def sft_loss_fn(model_output: dict, data: TensorDict, dp_group=None) -> tuple:
     """Supervised fine-tuning: mean negative log-likelihood of the response tokens of the update."""
     log_probs = no_padding_2_padding(model_output["log_probs"], data).float()

@@ -30,7 +30,13 @@ from dqo_verl.data.pairs import preference_pairs
 from dqo_verl.trainer import algo
 from dqo_verl.trainer.base import Trainer
 from dqo_verl.trainer.batches import RESPONSE_CLASSES, BatchSpec, build_batch
-from dqo_verl.trainer.losses import dqo_policy_loss_fn, dqo_value_loss_fn, sequence_surrogate_loss_fn, sft_loss_fn
+from dqo_verl.trainer.losses import (
+    dqo_policy_loss_fn,
+    dqo_value_loss_fn,
+    outcome_verifier_loss_fn,
+    sequence_surrogate_loss_fn,
+    sft_loss_fn,
+)
 
 
 class DQOTrainer(Trainer):
@@ -176,6 +182,21 @@ class SFTTrainer(Trainer):
         return sft_loss_fn
 
 
+class VerifierTrainer(Trainer):
+    """A plain outcome verifier (the baseline for DQO's V): the value model alone, V at each response's last state
+    regressed on its outcome, same backbone and corpus as DQO; exported as `export/value` for evaluation's
+    value-guided decodings (`evaluate.value.model`)."""
+
+    roles = {"value": "value_model"}
+    required_columns = ("prompt_ids", "response_ids", "score")
+
+    def loss_fn(self, role: str) -> Callable:
+        return outcome_verifier_loss_fn
+
+    def update(self, td: TensorDict, step: int) -> dict:
+        return self.train({"value": {}}, td, step, num_sequences=len(td))
+
+
 class RSTrainer(SFTTrainer):
     """Rejection sampling: supervised fine-tuning on the correct responses of the corpus."""
 
@@ -271,6 +292,7 @@ TRAINERS: dict[str, type[Trainer]] = {
     "rs": RSTrainer,
     "dpo": DPOTrainer,
     "kto": KTOTrainer,
+    "verifier": VerifierTrainer,
 }
 
 

@@ -299,3 +299,29 @@ def test_baseline_update_equals_its_loss_on_plain_transformers(e2e, tiny_models,
         assert got[key] == pytest.approx(value, rel=1e-4), key
     # and the step went down that gradient, not up it (a norm cannot tell)
     assert baseline_loss(cfg, batch, after).item() < got["policy/loss"]
+
+
+def test_outcome_verifier_update_equals_its_loss_on_plain_transformers(e2e, tiny_models, tmp_path):
+    """One update of the plain outcome verifier (the value model alone) through a 2-rank FSDP group: its loss and
+    gradient norm are `algo.outcome_verifier_loss`'s on plain transformers (the zeroed head: V = 0 before it)."""
+    from transformers import AutoModelForTokenClassification
+
+    cfg = config(tiny_models, e2e["corpus"], tmp_path / "run", "algorithm.name=verifier", "value.zero_head=true")
+    with make_trainer(cfg) as trainer:
+        assert set(trainer.groups) == {"value"}
+        rows = trainer.corpus.read(np.arange(32))
+        got = trainer.train_step(rows, 0)
+    value = AutoModelForTokenClassification.from_pretrained(
+        cfg.value.model.path, dtype=torch.float32, attn_implementation="eager"
+    )
+    with torch.no_grad():
+        value.score.weight.zero_()
+    b = build_batch(rows, BatchSpec(pad_token_id=0))
+    out = value(input_ids=b["input_ids"], attention_mask=b["attention_mask"], position_ids=b["position_ids"]).logits
+    values = out[:, b["prompts"].shape[1] - 1 : -1].squeeze(-1)
+    loss, _ = algo.outcome_verifier_loss(values, b["rewards"], b["response_mask"])
+    loss.backward()
+    norm = torch.sqrt(sum((p.grad**2).sum() for p in value.parameters() if p.grad is not None)).item()
+    assert loss.item() == pytest.approx(float(rows["score"].mean()), rel=1e-6)  # V = 0: the mean of R^2 = R
+    assert got["value/loss"] == pytest.approx(loss.item(), rel=1e-4)
+    assert got["value/grad_norm"] == pytest.approx(norm, rel=1e-4) and norm > 0

@@ -63,5 +63,8 @@ def test_the_main_job_names_an_unknown_method_on_a_fresh_checkout(tmp_path):
         timeout=300,
     )
     assert out.returncode == 1
-    assert out.stderr.strip().splitlines()[-1] == "error: algorithm.name=ppo is not one of: dqo, dro, sft, rs, dpo, kto"
+    assert (
+        out.stderr.strip().splitlines()[-1]
+        == "error: algorithm.name=ppo is not one of: dqo, dro, sft, rs, dpo, kto, verifier"
+    )
     assert "Traceback" not in out.stderr

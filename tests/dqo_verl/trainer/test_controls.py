@@ -151,3 +151,19 @@ def test_class_diagnostics_equal_loops():
     assert sum(got[f"diag/{n}/value_loss_share"] for n in ("right", "wrong", "cut")) == pytest.approx(1.0)
     # the return at the last state is the final soft reward: r - beta * log-ratio of the last action
     assert got["diag/right/return_last"] == pytest.approx(1.0 - 0.1 * lr[0, 2].item())
+
+
+def test_the_outcome_verifier_regresses_v_at_the_last_state_on_the_outcome():
+    x, mask = batch(5)
+    values = torch.nan_to_num(x).requires_grad_(True)
+    rewards = torch.zeros_like(values)
+    outcome = [1.0, 0.0, 1.0, 0.0]
+    for b, n in enumerate(LENGTHS):
+        rewards[b, n - 1] = outcome[b]
+    loss, _ = algo.outcome_verifier_loss(values, rewards, mask)
+    want = sum((values[b, n - 1].item() - outcome[b]) ** 2 for b, n in enumerate(LENGTHS)) / len(LENGTHS)
+    assert loss.item() == pytest.approx(want, rel=1e-12)
+    loss.backward()
+    for b, n in enumerate(LENGTHS):  # only the last state of each response moves
+        assert values.grad[b, : n - 1].abs().sum() == 0 and values.grad[b, n:].abs().sum() == 0
+        assert values.grad[b, n - 1].item() == pytest.approx(2 * (values[b, n - 1].item() - outcome[b]) / 4)
