@@ -35,8 +35,10 @@ def cfg(tiny_models, corpus, *extra):
 
 
 def test_algorithm_name_picks_the_trainer_and_its_granularity(tiny_models, tiny_corpus):
-    assert set(TRAINERS) == {"dqo", "dro", "sft", "rs", "dpo", "kto"}
+    assert set(TRAINERS) == {"dqo", "dro", "sft", "rs", "dpo", "kto", "verifier"}
     assert all(issubclass(t, Trainer) for t in TRAINERS.values())
+    verifier = make_trainer(cfg(tiny_models, tiny_corpus, "algorithm.name=verifier"))
+    assert verifier.roles == {"value": "value_model"} and not verifier.uses_reference
     dqo = make_trainer(cfg(tiny_models, tiny_corpus))
     assert type(dqo) is DQOTrainer and dqo.spec_granularity == "token"
     assert dqo.roles == {"policy": "language_model", "value": "value_model"} and dqo.uses_reference
