@@ -87,6 +87,7 @@ def check(cfg: DictConfig) -> None:
 
 def run(cfg: DictConfig) -> dict:
     """The `eval` stage: writes samples.parquet, table.md, table.csv and summary.json (last) to `out_dir(cfg)`."""
+    check(cfg)  # also when called directly (compare, iterate), not only through the runner's stage checks
     e = cfg.evaluate
     models, names = models_and_names(cfg)
     if not models:

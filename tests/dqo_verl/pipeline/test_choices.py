@@ -68,3 +68,13 @@ def test_the_main_job_names_an_unknown_method_on_a_fresh_checkout(tmp_path):
         == "error: algorithm.name=ppo is not one of: dqo, dro, sft, rs, dpo, kto, verifier"
     )
     assert "Traceback" not in out.stderr
+
+
+def test_the_eval_stage_checks_its_choices_when_called_directly(tmp_path):
+    """`make compare` and `make iterate` call the eval stage's function without the runner: it checks them itself."""
+    from dqo_verl.eval import harness
+
+    cfg = compose_config("tiny_cpu", [f"paths.root={tmp_path}", "evaluate.value.model=/v", "evaluate.value.by=[v2]"])
+    with pytest.raises(InputError, match="evaluate.value.by=v2 is not one of: value, q"):
+        harness.run(cfg)
+    assert not any(tmp_path.iterdir())
