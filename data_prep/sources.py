@@ -35,17 +35,30 @@ def seen_questions(data_dir: Path) -> set[str]:
     return seen
 
 
+# generated evaluation splits of the synthetic task: the seed offset each is drawn with
+SYNTHETIC_SPLITS = {"test": 10**6, "dev": 2 * 10**6}
+DEV_EXCLUDES_TEST = 2000
+
+
 def eval_prompts(name: str, spec: DictConfig, seed: int, data_dir: Path) -> pd.DataFrame:
-    """The first `limit` problems of an evaluation set (prompt rows, training templates)."""
-    if name == "synthetic":
+    """The first `limit` problems of an evaluation set (prompt rows, training templates).
+
+    Generated sets (synthetic, reasoning_gym) are drawn with `seed` (`evaluate.seed`) and leave out the
+    training prompts, SFT and warm-up dev problems under `data_dir`; a synthetic set with `split: dev` also
+    leaves out the first DEV_EXCLUDES_TEST test problems, so settings chosen on it are reported on unseen ones.
+    """
+    if spec.get("dataset", name) == "synthetic":
+        split = spec.get("split") or "test"
+        check_choice(f"evaluate.datasets.{name}.split", split, SYNTHETIC_SPLITS)
+        difficulty = synthetic_difficulty(spec.get("difficulty"))
+        exclude = seen_questions(data_dir)
+        if split == "dev":  # disjoint from every test set of up to DEV_EXCLUDES_TEST problems
+            test = build_synthetic_prompts(DEV_EXCLUDES_TEST, SYNTHETIC_SPLITS["test"] + seed, exclude, "test", difficulty)
+            exclude |= set(test["prompt"].map(lambda m: m[0]["content"]))
         df = build_synthetic_prompts(
-            spec.limit,
-            seed=10**6 + seed,
-            exclude=seen_questions(data_dir),
-            split="test",
-            difficulty=synthetic_difficulty(spec.get("difficulty")),
+            spec.limit, seed=SYNTHETIC_SPLITS[split] + seed, exclude=exclude, split=split, difficulty=difficulty
         )
-    elif name == "reasoning_gym":
+    elif spec.get("dataset", name) == "reasoning_gym":
         df = build_reasoning_gym_prompts(
             spec.task,
             spec.limit,

@@ -103,7 +103,7 @@ def run(cfg: DictConfig) -> dict:
         cfg, "eval", ["data.max_prompt_length", answer_key], {f"evaluate.models[{i}]": m for i, m in enumerate(models)}
     )
     eval_prompts = registered(PROMPT_SETS, "eval_prompts")  # data_prep's sources, by entry point
-    datasets = {d: eval_prompts(d, e.datasets[d], cfg.trainer.seed, Path(cfg.paths.data)) for d in e.sets}
+    datasets = {d: eval_prompts(d, e.datasets[d], e.seed, Path(cfg.paths.data)) for d in e.sets}
     init_ray(cfg)
     group = RolloutGroup(engine_config(cfg, budget), models[0], cfg.trainer.nnodes, engines_per_node(cfg))
     v = e.value

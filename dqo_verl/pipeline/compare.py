@@ -11,7 +11,7 @@ with the evaluation harness. Runs live under `${compare.out_dir}/<row>/seed<N>/`
 already evaluated, so a killed comparison resumes.
 
 Writes `${compare.out_dir}/table.md` (rows = methods, columns = each evaluation set's greedy and
-sampled accuracy, mean ± sample std over seeds), `table.csv`, `runs.csv` (every run) and `bars.png`.
+sampled accuracy and the share of greedy answers cut at the length limit, mean ± sample std over seeds), `table.csv`, `runs.csv` (every run) and `bars.png`.
 """
 
 from __future__ import annotations
@@ -56,10 +56,18 @@ def run_config(cfg: DictConfig, overrides: list[str], folder: Path, label: str, 
     )
 
 
+CUT = " cut"  # the suffix of a column holding the share of greedy answers cut at the length limit
+
+
 def results_of(summary_file: Path) -> dict:
-    """{column: accuracy} of the one model in an evaluation summary."""
+    """{column: accuracy} of the one model in an evaluation summary, and each greedy column's cut share."""
     results = json.loads(summary_file.read_text())["results"]
-    return {column: cell["accuracy"] for cell_set in results.values() for column, cell in cell_set.items()}
+    out = {column: cell["accuracy"] for cell_set in results.values() for column, cell in cell_set.items()}
+    for cell_set in results.values():
+        for column, cell in cell_set.items():
+            if column.endswith(" greedy"):
+                out[column + CUT] = cell.get("cut", 0.0)
+    return out
 
 
 def train_and_evaluate(cfg: DictConfig) -> dict:
@@ -155,7 +163,7 @@ def run(cfg: DictConfig) -> pd.DataFrame:
     ablations = ", ".join(label for label in c.ablations or {} if label in runs["method"].values)
     note = f"\nOne seed for the ablation rows ({ablations}); the others over seeds {list(c.seeds)}.\n"
     (root / "table.md").write_text(out.to_markdown() + "\n" + (note if ablations else ""))
-    plot_bars(runs, columns, root / "bars.png")
+    plot_bars(runs, [col for col in columns if not col.endswith(CUT)], root / "bars.png")
     print(out.to_markdown())
     print(
         f"[compare] {len(plan)} runs in {time.time() - start:.0f}s -> {root} (table.md, table.csv, runs.csv, bars.png)"

@@ -35,6 +35,24 @@ def test_synthetic_test_set_excludes_training_sft_and_dev_questions(tmp_path):
     assert set(questions[6:]) <= set(again)  # the rest of the set is unchanged
 
 
+def test_synthetic_dev_set_is_disjoint_from_the_test_set_and_the_same_for_every_training_seed(tmp_path):
+    from omegaconf import OmegaConf
+
+    from data_prep.sources import DEV_EXCLUDES_TEST
+
+    def questions(spec: dict, seed: int = 0) -> list[str]:
+        rows = eval_prompts("synthetic_dev", OmegaConf.create(spec), seed, tmp_path)
+        return rows["prompt"].map(lambda m: m[0]["content"]).tolist()
+
+    dev = questions({"dataset": "synthetic", "split": "dev", "limit": 200})
+    test = questions({"dataset": "synthetic", "limit": DEV_EXCLUDES_TEST})
+    assert len(dev) == 200 and len(set(dev)) == 200 and not set(dev) & set(test)
+    assert questions({"dataset": "synthetic", "split": "dev", "limit": 200}) == dev  # one seed, one set
+    assert questions({"dataset": "synthetic", "split": "dev", "limit": 200}, seed=1) != dev
+    with pytest.raises(InputError, match="split=train is not one of"):
+        questions({"dataset": "synthetic", "split": "train", "limit": 5})
+
+
 @pytest.mark.parametrize("n,c,k", [(5, 0, 1), (5, 1, 1), (5, 2, 2), (6, 3, 3), (8, 1, 4), (7, 6, 2), (4, 4, 3)])
 def test_pass_at_k_equals_subset_enumeration(n, c, k):
     samples = [1] * c + [0] * (n - c)

@@ -34,6 +34,19 @@ def test_the_table_gives_mean_and_sample_std_over_seeds(tmp_path):
     assert slug("DQO + PS") == "dqo_ps" and slug("DQO, no IS on the value loss") == "dqo_no_is_on_the_value_loss"
 
 
+def test_results_of_reads_accuracies_and_each_greedy_cut_share(tmp_path):
+    summary = tmp_path / "summary.json"
+    cells = {"synthetic greedy": {"accuracy": 0.6, "cut": 0.25}, "synthetic sample": {"accuracy": 0.5, "cut": 0.3}}
+    summary.write_text(json.dumps({"results": {"synthetic": cells, "dev": {"dev greedy": {"accuracy": 0.4}}}}))
+    assert compare.results_of(summary) == {
+        "synthetic greedy": 0.6,
+        "synthetic sample": 0.5,
+        "synthetic greedy cut": 0.25,
+        "dev greedy": 0.4,
+        "dev greedy cut": 0.0,
+    }
+
+
 def test_compare_trains_every_row_once_with_its_method_settings_and_resumes(tmp_path, monkeypatch):
     """The orchestration of `make compare`, with the data stages, training and evaluation replaced by recorders
     (each is tested end to end elsewhere): one run per row and seed in its own folders, the method's settings,
