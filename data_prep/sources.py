@@ -53,7 +53,8 @@ def eval_prompts(name: str, spec: DictConfig, seed: int, data_dir: Path) -> pd.D
         difficulty = synthetic_difficulty(spec.get("difficulty"))
         exclude = seen_questions(data_dir)
         if split == "dev":  # disjoint from every test set of up to DEV_EXCLUDES_TEST problems
-            test = build_synthetic_prompts(DEV_EXCLUDES_TEST, SYNTHETIC_SPLITS["test"] + seed, exclude, "test", difficulty)
+            test_seed = SYNTHETIC_SPLITS["test"] + seed
+            test = build_synthetic_prompts(DEV_EXCLUDES_TEST, test_seed, exclude, "test", difficulty)
             exclude |= set(test["prompt"].map(lambda m: m[0]["content"]))
         df = build_synthetic_prompts(
             spec.limit, seed=SYNTHETIC_SPLITS[split] + seed, exclude=exclude, split=split, difficulty=difficulty

@@ -11,7 +11,8 @@ with the evaluation harness. Runs live under `${compare.out_dir}/<row>/seed<N>/`
 already evaluated, so a killed comparison resumes.
 
 Writes `${compare.out_dir}/table.md` (rows = methods, columns = each evaluation set's greedy and
-sampled accuracy and the share of greedy answers cut at the length limit, mean ± sample std over seeds), `table.csv`, `runs.csv` (every run) and `bars.png`.
+sampled accuracy and the share of greedy answers cut at the length limit, mean ± sample std over seeds),
+`table.csv`, `runs.csv` (every run) and `bars.png`.
 """
 
 from __future__ import annotations
