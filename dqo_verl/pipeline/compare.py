@@ -63,11 +63,12 @@ CUT = " cut"  # the suffix of a column holding the share of greedy answers cut a
 def results_of(summary_file: Path) -> dict:
     """{column: accuracy} of the one model in an evaluation summary, and each greedy column's cut share."""
     results = json.loads(summary_file.read_text())["results"]
-    out = {column: cell["accuracy"] for cell_set in results.values() for column, cell in cell_set.items()}
+    out = {}
     for cell_set in results.values():
         for column, cell in cell_set.items():
+            out[column] = cell["accuracy"]
             if column.endswith(" greedy"):
-                out[column + CUT] = cell.get("cut", 0.0)
+                out[column + CUT] = cell.get("cut", 0.0)  # summaries written before cut shares were recorded: 0
     return out
 
 
