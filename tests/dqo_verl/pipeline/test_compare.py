@@ -102,3 +102,18 @@ def test_compare_trains_every_row_once_with_its_method_settings_and_resumes(tmp_
     assert calls["train"] == calls["eval"] == [] and again.equals(out)
     with pytest.raises(InputError, match="compare.only: no row 'PPO'"):
         compare.run(OmegaConf.merge(cfg, {"compare": {"only": ["PPO"]}}))
+
+
+@pytest.mark.parametrize("recipe", ["tiny_cpu", "realism_smollm2"])
+def test_every_row_of_a_recipe_composes_and_changes_the_run(recipe, tmp_path):
+    """Each method and ablation row of a recipe's comparison makes a valid config that differs from plain DQO's."""
+    cfg = compose_config(recipe, [f"paths.root={tmp_path}"])
+    cfg = OmegaConf.merge(cfg, {"compare": {"recipe": recipe, "overrides": [f"paths.root={tmp_path}"]}})
+    rows = {**cfg.compare.methods, **(cfg.compare.ablations or {})}
+    configs = {
+        label: OmegaConf.to_container(compare.run_config(cfg, list(o), tmp_path / "row", "row", 0), resolve=True)
+        for label, o in rows.items()
+    }
+    assert "DQO" in configs and len(configs) >= 2
+    same = [label for label, c in configs.items() if label != "DQO" and c == configs["DQO"]]
+    assert same == [], f"rows that change nothing: {same}"
