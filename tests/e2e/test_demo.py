@@ -30,10 +30,6 @@ SHORT = [
     "evaluate.max_tokens=64",
     "evaluate.sampling.seeds=[0]",
     "trainer.logger=[console]",
-    # one rank and one engine: a process start costs 8-10 s of CPU (verl's import), most of this test's time; the
-    # 2-rank groups and engine fleets are tested in test_train_e2e.py, test_corpus.py and test_cluster.py
-    "trainer.n_gpus_per_node=1",
-    "rollout.engines_per_node=1",
 ]
 LAST_LINE = r"demo: greedy accuracy base=\d\.\d\d dqo=\d\.\d\d \(n=24 test problems\)"
 

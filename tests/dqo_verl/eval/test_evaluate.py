@@ -190,7 +190,6 @@ def test_evaluate_tiny_models_on_local_files(ray_session, tiny_models, trained_t
             "evaluate.sampling.seeds=[0,1]",
             "evaluate.pass_k=[1,2]",
             f"rollout.backend={backend}",
-            "rollout.engines_per_node=1",  # a process start costs 8-10 s of CPU; engine fleets: test_corpus.py
             "evaluate.max_tokens=64",
             f"evaluate.value.model={tiny_models[1]}",
             "evaluate.value.n=4",
