@@ -13,12 +13,18 @@ evaluated from update `sft.check_from` on, by greedy decoding of `sft.dev_proble
 on the rollout worker group; the run stops at the first checkpoint reaching the target: a base that is
 still learning, with right and wrong answers, where DQO gains most (docs/results.md).
 
+With `sft.target_loss`, the run stops before the first update at which the mean training loss of the last
+`sft.loss_window` updates is at or below it (`sft.steps` stays the cap). Every update's batch is fresh
+problems, so that mean estimates the held-out loss: the run stops at a point of learning rather than at an update
+count, which a thread count or a machine moves by hundreds of updates (docs/design.md, "The warm-up").
+
 Writes `${paths.data}/sft.parquet` (the texts trained on), `sft_tokens.parquet`, `dev.parquet` (the
 dev problems, which evaluation keeps out of its test sets) and the run under `sft.run_dir`.
 """
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -39,6 +45,39 @@ from dqo_verl.workers.rollout import RolloutGroup
 
 # the warm-up's problems and dev problems are drawn with these offsets from sft.seed
 PROBLEMS_SEED, DEV_SEED = 1000, 2000
+
+
+def loss_reached(losses: list[float], target: float, window: int) -> bool:
+    """Whether the mean of the last `window` training losses is at or below `target`."""
+    return len(losses) >= window and sum(losses[-window:]) / window <= target
+
+
+def logged_losses(metrics_file: Path) -> list[float]:
+    """The policy loss of every update in a run's metrics.jsonl, in step order (empty when there is none)."""
+    if not metrics_file.exists():
+        return []
+    records = [json.loads(line) for line in metrics_file.read_text().splitlines() if line]
+    return [r["policy/loss"] for r in sorted(records, key=lambda r: r["step"])]
+
+
+class LossTarget:
+    """`until` for `Trainer.fit`: whether the warm-up's mean loss over its last `window` updates has reached `target`.
+
+    It reads the losses of a resumed run's earlier updates from its metrics.jsonl, and this process's from the
+    trainer's `history`, so a resumed run stops where an uninterrupted one would.
+    """
+
+    def __init__(self, target: float, window: int, run_dir: Path, history: list[dict]):
+        self.target, self.window, self.run_dir, self.history = target, window, run_dir, history
+        self.earlier: list[float] | None = None
+
+    def __call__(self, step: int) -> bool:
+        if self.earlier is None:  # asked first at the step the run starts (or resumes) from
+            self.earlier = logged_losses(self.run_dir / "metrics.jsonl")[:step] if step else []
+        if not loss_reached(self.earlier + [h["policy/loss"] for h in self.history], self.target, self.window):
+            return False
+        print(f"\n[sft] step {step}: mean loss of the last {self.window} updates <= {self.target}: stopping")
+        return True
 
 
 def trainer_config(cfg: DictConfig, train_file: Path) -> DictConfig:
@@ -136,6 +175,8 @@ def run(cfg: DictConfig) -> Path:
     s = cfg.sft_stage
     if s.get("data") and s.get("target_accuracy") is not None:
         raise InputError("sft.target_accuracy: the dev checks use the synthetic task; unset it when sft.data is set")
+    if s.get("target_loss") is not None and s.get("loss_window", 50) < 1:
+        raise InputError(f"sft.loss_window: {s.loss_window}; the loss target needs a window of at least 1 update")
     check_budget(cfg, "sft", ["data.max_prompt_length", "data.max_response_length"], {"sft.model": s.model})
     data = Path(cfg.paths.data)
     tokenizer = hf_tokenizer(s.model)
@@ -167,8 +208,11 @@ def run(cfg: DictConfig) -> Path:
         return accuracy >= s.target_accuracy
 
     trainer = SFTTrainer(trainer_config(cfg, train_file))
+    until = None
+    if s.get("target_loss") is not None:
+        until = LossTarget(s.target_loss, s.get("loss_window", 50), Path(s.run_dir), trainer.history)
     try:
-        trainer.fit(stop=reached_target)
+        trainer.fit(stop=reached_target, until=until)
     finally:
         trainer.shutdown()
         if checker:

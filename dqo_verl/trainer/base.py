@@ -476,18 +476,20 @@ class Trainer:
             self._epoch_order = (epoch, order)
         return self._epoch_order[1][index]
 
-    def fit(self, stop: Callable[[int, Path], bool] | None = None) -> dict:
+    def fit(self, stop: Callable[[int, Path], bool] | None = None, until: Callable[[int], bool] | None = None) -> dict:
         """Run all updates (resuming if configured), export the models; returns the last step's metrics.
 
         `stop(step, checkpoint)`, when given, is asked after every checkpoint whether to end the run there.
+        `until(step)`, when given, is asked before every update (a resumed run first) whether the run has gone
+        far enough; it then ends there, with a checkpoint of that step.
         """
         self.start()
         step = self.load_checkpoint()
         log = RunLog(self.config, self.out_dir, step, self.total_steps)
-        metrics, exported, last_ckpt = {}, {}, None
+        metrics, exported, last_ckpt, saved = {}, {}, None, step
         prefetch = ThreadPoolExecutor(1, thread_name_prefix="rows")  # the next update's rows read during this one
         upcoming = prefetch.submit(self.corpus.read, self.batch_rows(step)) if step < self.total_steps else None
-        while step < self.total_steps:
+        while step < self.total_steps and not (until is not None and until(step)):
             epoch, index = divmod(step, self.steps_per_epoch)
             rows = upcoming.result()
             if step + 1 < self.total_steps:
@@ -499,13 +501,15 @@ class Trainer:
             self.history.append(metrics)
             end_of_epoch = index == self.steps_per_epoch - 1
             if end_of_epoch or step == self.total_steps or self.save_due(step):
-                last_ckpt = self.save_checkpoint(step)
+                last_ckpt, saved = self.save_checkpoint(step), step
                 if end_of_epoch and epoch + 1 == self.export_epoch:
                     exported = self.export(last_ckpt)
                     log.say(f"[export] epoch {epoch + 1} (step {step}) -> {self.out_dir / 'export'} (export_epoch)")
                 if stop is not None and stop(step, last_ckpt):
                     break
         prefetch.shutdown(cancel_futures=True)
+        if saved != step:  # `until` ended the run between checkpoints
+            last_ckpt = self.save_checkpoint(step)
         exported = exported or self.final_export(last_ckpt or self.checkpoints.latest() or self.save_checkpoint(step))
         log.close(self.checkpoints.root, exported)
         return metrics

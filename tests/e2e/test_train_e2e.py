@@ -325,3 +325,33 @@ def test_outcome_verifier_update_equals_its_loss_on_plain_transformers(e2e, tiny
     assert loss.item() == pytest.approx(float(rows["score"].mean()), rel=1e-6)  # V = 0: the mean of R^2 = R
     assert got["value/loss"] == pytest.approx(loss.item(), rel=1e-4)
     assert got["value/grad_norm"] == pytest.approx(norm, rel=1e-4) and norm > 0
+
+
+def test_until_ends_a_run_between_checkpoints_with_a_checkpoint_there_and_a_resume_stops_at_once(
+    e2e, tiny_models, tmp_path
+):
+    """`Trainer.fit(until=...)` (the warm-up's loss target): asked before every update, it ends the run at that
+    step with a checkpoint and an export of it, where no checkpoint was due; a resume asks it first and stops."""
+    out = tmp_path / "run"
+    cfg = config(
+        tiny_models,
+        e2e["corpus"],
+        out,
+        "algorithm.name=sft",
+        "data.train_batch_size=16",
+        "trainer.n_gpus_per_node=1",
+        "trainer.total_epochs=2",  # 8 updates, checkpoints at the epoch ends (4, 8) only
+    )
+    asked = []
+    with make_trainer(cfg) as trainer:
+        trainer.fit(until=lambda step: asked.append(step) or step == 3)
+        assert asked == [0, 1, 2, 3] and len(trainer.history) == 3
+        ckpts = out / "checkpoints"
+        assert (ckpts / "latest_checkpointed_iteration.txt").read_text() == "3"
+        assert [p.name for p in ckpts.glob("global_step_*")] == ["global_step_3"]
+        saved = load_file(ckpts / "global_step_3" / "policy" / "huggingface" / "model.safetensors")
+        exported = load_file(out / "export" / "policy" / "model.safetensors")
+        assert all(torch.equal(exported[k], saved[k]) for k in saved)
+        trainer.fit(until=lambda step: asked.append(step) or step >= 3)  # resumes from the checkpoint of step 3
+    assert asked[4:] == [3] and len(trainer.history) == 3
+    assert [p.name for p in ckpts.glob("global_step_*")] == ["global_step_3"]
