@@ -24,7 +24,6 @@ dev problems, which evaluation keeps out of its test sets) and the run under `sf
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 
@@ -37,7 +36,7 @@ from data_prep.sources import build_sft_set, synthetic_difficulty
 from dqo_verl.config.errors import InputError
 from dqo_verl.data.budget import check_budget, engine_config
 from dqo_verl.data.chat import add_prompt_ids, chat_prompt
-from dqo_verl.data.io import build_folder, write_parquet_atomic
+from dqo_verl.data.io import build_folder, read_jsonl, write_parquet_atomic
 from dqo_verl.eval.sampling import greedy_accuracy
 from dqo_verl.trainer.methods import SFTTrainer
 from dqo_verl.workers.groups import engines_per_node, init_ray
@@ -47,17 +46,13 @@ from dqo_verl.workers.rollout import RolloutGroup
 PROBLEMS_SEED, DEV_SEED = 1000, 2000
 
 
+# sft_stage.loss_window's default: updates in the loss target's mean
+LOSS_WINDOW = 50
+
+
 def loss_reached(losses: list[float], target: float, window: int) -> bool:
     """Whether the mean of the last `window` training losses is at or below `target`."""
     return len(losses) >= window and sum(losses[-window:]) / window <= target
-
-
-def logged_losses(metrics_file: Path) -> list[float]:
-    """The policy loss of every update in a run's metrics.jsonl, in step order (empty when there is none)."""
-    if not metrics_file.exists():
-        return []
-    records = [json.loads(line) for line in metrics_file.read_text().splitlines() if line]
-    return [r["policy/loss"] for r in sorted(records, key=lambda r: r["step"])]
 
 
 class LossTarget:
@@ -72,9 +67,11 @@ class LossTarget:
         self.earlier: list[float] | None = None
 
     def __call__(self, step: int) -> bool:
-        if self.earlier is None:  # asked first at the step the run starts (or resumes) from
-            self.earlier = logged_losses(self.run_dir / "metrics.jsonl")[:step] if step else []
-        if not loss_reached(self.earlier + [h["policy/loss"] for h in self.history], self.target, self.window):
+        if self.earlier is None:  # asked first at the step the run starts (or resumes) from: its last window
+            records = sorted(read_jsonl(self.run_dir / "metrics.jsonl"), key=lambda r: r["step"])
+            self.earlier = [r["policy/loss"] for r in records if r["step"] <= step][-self.window :]
+        recent = [h["policy/loss"] for h in self.history[-self.window :]]
+        if not loss_reached(self.earlier + recent, self.target, self.window):
             return False
         print(f"\n[sft] step {step}: mean loss of the last {self.window} updates <= {self.target}: stopping")
         return True
@@ -175,8 +172,9 @@ def run(cfg: DictConfig) -> Path:
     s = cfg.sft_stage
     if s.get("data") and s.get("target_accuracy") is not None:
         raise InputError("sft.target_accuracy: the dev checks use the synthetic task; unset it when sft.data is set")
-    if s.get("target_loss") is not None and s.get("loss_window", 50) < 1:
-        raise InputError(f"sft.loss_window: {s.loss_window}; the loss target needs a window of at least 1 update")
+    window = s.get("loss_window", LOSS_WINDOW)
+    if s.get("target_loss") is not None and window < 1:
+        raise InputError(f"sft.loss_window: {window}; the loss target needs a window of at least 1 update")
     check_budget(cfg, "sft", ["data.max_prompt_length", "data.max_response_length"], {"sft.model": s.model})
     data = Path(cfg.paths.data)
     tokenizer = hf_tokenizer(s.model)
@@ -210,7 +208,7 @@ def run(cfg: DictConfig) -> Path:
     trainer = SFTTrainer(trainer_config(cfg, train_file))
     until = None
     if s.get("target_loss") is not None:
-        until = LossTarget(s.target_loss, s.get("loss_window", 50), Path(s.run_dir), trainer.history)
+        until = LossTarget(s.target_loss, window, Path(s.run_dir), trainer.history)
     try:
         trainer.fit(stop=reached_target, until=until)
     finally:

@@ -1,5 +1,5 @@
 """Atomic writes: parquet and JSON files, and whole folders, written under a temporary name and renamed, so a
-killed job never leaves a half-written output.
+killed job never leaves a half-written output; and the reader of JSON-lines logs (a run's metrics.jsonl).
 """
 
 from __future__ import annotations
@@ -43,6 +43,14 @@ def write_json_atomic(path: str | os.PathLike, obj) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(json.dumps(obj, indent=2) + "\n")
     os.replace(tmp, path)
+
+
+def read_jsonl(path: str | os.PathLike) -> list[dict]:
+    """The records of a JSON-lines file (blank lines skipped); empty when the file does not exist."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line]
 
 
 def parquet_metadata(path: str | os.PathLike) -> dict:

@@ -17,6 +17,8 @@ from pathlib import Path
 import pandas as pd
 from matplotlib.figure import Figure
 
+from dqo_verl.data.io import read_jsonl
+
 PANELS = {
     "losses": ["policy/loss", "value/loss"],
     "is_weights": [
@@ -68,7 +70,7 @@ def plot_diagnostics(metrics: pd.DataFrame, path: Path) -> Path | None:
 
 
 def load_metrics(run_dir: Path) -> pd.DataFrame:
-    return pd.DataFrame([json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line])
+    return pd.DataFrame(read_jsonl(run_dir / "metrics.jsonl"))
 
 
 def checkpoint_accuracy(summaries: list[Path]) -> pd.DataFrame:

@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from data_prep.sft import LossTarget, logged_losses
+from data_prep.sft import LossTarget
 
 
 def first_crossing(losses: np.ndarray, target: float, window: int) -> int:
@@ -26,7 +26,9 @@ def run(losses, until, start: int = 0, history=None) -> int:
 
 
 def write_metrics(path, losses):
-    path.write_text("".join(json.dumps({"step": i + 1, "policy/loss": float(x)}) + "\n" for i, x in enumerate(losses)))
+    """metrics.jsonl with one record per update, newest first (a reader must order them by step)."""
+    records = [json.dumps({"step": i + 1, "policy/loss": float(x)}) for i, x in enumerate(losses)]
+    path.write_text("".join(r + "\n" for r in reversed(records)))
 
 
 def noisy_decay(seed: int, n: int = 400) -> np.ndarray:
@@ -64,10 +66,3 @@ def test_a_resumed_run_stops_where_an_uninterrupted_one_would(tmp_path, resumed_
     until = LossTarget(target, window, tmp_path, history)
     assert run(losses, until, start=start, history=history) == expected
     assert len(history) == expected - start  # a run resumed at its stopping point updates no more
-
-
-def test_logged_losses_are_read_in_step_order(tmp_path):
-    path = tmp_path / "metrics.jsonl"
-    assert logged_losses(path) == []
-    path.write_text('{"step": 2, "policy/loss": 0.5}\n{"step": 1, "policy/loss": 0.75}\n\n')
-    assert logged_losses(path) == [0.75, 0.5]

@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 
 from dqo_verl.config.errors import RowError
-from dqo_verl.data.io import parquet_metadata, write_parquet_atomic
+from dqo_verl.data.io import parquet_metadata, read_jsonl, write_parquet_atomic
 from dqo_verl.data.schema import apply_length_limits, validate_corpus
 from dqo_verl.data.trainset import open_corpus
 from dqo_verl.trainer.batches import BatchSpec, build_batch, epoch_batches
@@ -159,3 +159,10 @@ def test_atomic_parquet_write_keeps_metadata_and_leaves_no_temp(tmp_path):
         write_parquet_atomic(pd.DataFrame({"a": [object()]}), path)
     assert path.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["x.parquet"]
+
+
+def test_read_jsonl_returns_the_records_skipping_blank_lines_and_nothing_for_a_missing_file(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    assert read_jsonl(path) == []
+    path.write_text('{"step": 2, "policy/loss": 0.5}\n\n{"step": 1, "policy/loss": 0.75}\n')
+    assert read_jsonl(path) == [{"step": 2, "policy/loss": 0.5}, {"step": 1, "policy/loss": 0.75}]
